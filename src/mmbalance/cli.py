@@ -1,0 +1,269 @@
+"""The ``mmbalance`` command: train, evaluate, list, preprocess, experiment.
+
+``mmbalance train`` with no arguments trains ``joint`` + ``concat`` on the embedded UCI
+Multiple Features views (pix + fou) and prints a table of fused and per-modality results.
+Any config key can be overridden as a dotted flag: ``--optim.lr 0.05``, ``--method.T 8``,
+``--dataset.root DIR``; ``--config FILE`` loads a YAML file first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .registry import ConfigError
+
+# Short flags of the contract -> config keys.
+SHORT_FLAGS = {
+    "dataset": "dataset.name", "method": "method.name", "fusion": "model.fusion", "encoder": "model.encoder",
+    "epochs": "train.epochs", "seed": "train.seed", "batch_size": "train.batch_size", "lr": "optim.lr",
+    "optimizer": "optim.name", "scheduler": "optim.scheduler", "device": "train.device",
+    "modalities": "dataset.modalities", "output_dir": "output_dir",
+}
+
+
+def _split_overrides(rest: Sequence[str]) -> dict[str, Any]:
+    """Parse ``--a.b value`` / ``--a.b=value`` pairs into a dotted-key dict."""
+    from .config import parse_value
+
+    out: dict[str, Any] = {}
+    i = 0
+    rest = list(rest)
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--") or len(tok) <= 2:
+            raise ConfigError(f"unexpected argument '{tok}'; overrides look like --section.key value")
+        key = tok[2:]
+        if "=" in key:
+            key, val = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(rest) or (rest[i + 1].startswith("--") and len(rest[i + 1]) > 2):
+                val = "true"  # a bare flag, e.g. --train.deterministic
+                i += 1
+            else:
+                val = rest[i + 1]
+                i += 2
+        key = key.replace("-", "_")
+        key = SHORT_FLAGS.get(key, key)
+        out[key] = parse_value(val)
+    return out
+
+
+def _setup_logging(quiet: bool = False) -> None:
+    logger = logging.getLogger("mmbalance")
+    if not logger.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(h)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+
+def format_results_table(results: dict[str, Any], splits: Sequence[str] = ("test",)) -> str:
+    """A plain-text table of fused and per-modality metrics."""
+    rows = [("split", "output", "accuracy", "macro_f1", "map", "probe_acc")]
+    for s in splits:
+        r = results[s]
+        rows.append((s, "fused", _fmt(r["accuracy"]), _fmt(r["macro_f1"]), _fmt(r["map"]), "-"))
+        for m, pm in r["per_modality"].items():
+            rows.append((s, m, _fmt(pm.get("accuracy")), _fmt(pm.get("macro_f1")), _fmt(pm.get("map")),
+                         _fmt(pm.get("probe_accuracy"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _summary_line(results: dict[str, Any]) -> str:
+    return (f"{results['method']} + {results['fusion']} on {results['dataset']} "
+            f"({', '.join(results['modalities'])}), seed {results['seed']}: best epoch "
+            f"{results['best_epoch'] + 1}/{results['epochs']} (selected on validation), "
+            f"{results['train_seconds']:.1f} s training")
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from .config import dump_yaml, load_config
+    from .engine import Trainer, default_run_dir, load_run_config
+
+    overrides = _split_overrides(rest)
+    for flag, key in SHORT_FLAGS.items():
+        v = getattr(args, flag, None)
+        if v is not None:
+            overrides[key] = v
+    if args.deterministic:
+        overrides["train.deterministic"] = True
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = load_run_config(run_dir)
+        allowed = {"train.stop_after_epochs", "train.progress", "train.device", "train.num_workers"}
+        bad = [k for k in overrides if k not in allowed and k != "output_dir"]
+        if bad or args.config:
+            raise ConfigError(f"cannot change {', '.join(bad) or '--config'} when resuming; "
+                              f"allowed: {', '.join(sorted(allowed))}")
+        cfg = load_config(None, overrides, base=cfg)
+    else:
+        cfg = load_config(args.config, overrides)
+        run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
+    log = logging.getLogger("mmbalance")
+    log.info("run folder: %s", run_dir)
+    results = trainer.fit()
+    if results is None:
+        print(f"stopped after train.stop_after_epochs; continue with: mmbalance train --resume {run_dir}")
+        return 0
+    print(_summary_line(results))
+    print(format_results_table(results))
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from .config import load_config
+    from .engine import Trainer, load_run_config
+    from .engine.checkpoint import write_json
+
+    overrides = _split_overrides(rest)
+    allowed = {"train.device", "train.progress", "train.num_workers", "train.eval_batch_size", "train.probe"}
+    bad = [k for k in overrides if k not in allowed]
+    if bad:
+        raise ConfigError(f"evaluate cannot change {', '.join(bad)}; allowed: {', '.join(sorted(allowed))}")
+    run_dir = Path(args.run)
+    cfg = load_config(None, overrides, base=load_run_config(run_dir))
+    trainer = Trainer(cfg, run_dir, resume=True)
+    trainer.best_epoch = trainer.load_best()
+    saved = run_dir / "results.json"
+    train_seconds = json.loads(saved.read_text())["train_seconds"] if saved.exists() else 0.0
+    trainer.train_seconds = train_seconds
+    results = trainer.results()
+    write_json(run_dir / "evaluation.json", results)
+    print(_summary_line(results))
+    print(format_results_table(results, splits=("val", "test")))
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        same = abs(old["test"]["accuracy"] - results["test"]["accuracy"]) < 1e-9
+        print(f"test accuracy {'matches' if same else 'DIFFERS FROM'} results.json "
+              f"({old['test']['accuracy']:.4f})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from .data import DATASETS, list_datasets
+    from .methods import METHODS, list_methods
+    from .models import ENCODERS, FUSIONS, list_encoders, list_fusions
+
+    list_methods(), list_datasets(), list_encoders(), list_fusions()
+    sections = [("methods", METHODS), ("fusions", FUSIONS), ("encoders", ENCODERS), ("datasets", DATASETS)]
+    what = args.what
+    for title, reg in sections:
+        if what and what != title:
+            continue
+        print(f"{title}:")
+        entries = reg.entries()
+        w = max((len(e.name) for e in entries), default=0)
+        for e in entries:
+            print(f"  {e.name.ljust(w)}  {e.summary}")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    if rest:
+        raise ConfigError(f"unexpected arguments: {' '.join(rest)}")
+    from .data import preprocess
+
+    return preprocess.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmbalance", description="Imbalanced multimodal learning toolkit.")
+    p.add_argument("--version", action="version", version=f"mmbalance {__import__('mmbalance').__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final table")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a method (default: joint + concat on the embedded data)",
+                       description="Train a method. Any config key is a dotted flag: --optim.lr 0.05, "
+                                   "--method.T 8, --dataset.root DIR, --train.deterministic.")
+    t.add_argument("--config", help="YAML config file (defaults < file < flags)")
+    t.add_argument("--dataset", help="dataset name or path to a .npz features file")
+    t.add_argument("--method", help="method name (see `mmbalance list methods`)")
+    t.add_argument("--fusion", help="fusion name")
+    t.add_argument("--encoder", help="encoder for every modality")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--batch-size", dest="batch_size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--optimizer", help="sgd | adam | adamw | adagrad")
+    t.add_argument("--scheduler", help="none | step | multistep | cosine")
+    t.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    t.add_argument("--modalities", type=lambda s: [x for x in s.split(",") if x],
+                   help="comma-separated modalities to use, e.g. pix,fou,zer")
+    t.add_argument("--output-dir", dest="output_dir", help="run folder (default runs/<dataset>-<method>-...)")
+    t.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR")
+    t.add_argument("--deterministic", action="store_true", help="deterministic algorithms")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="re-evaluate a saved run at its selected checkpoint")
+    e.add_argument("--run", required=True, metavar="DIR", help="run folder")
+    e.set_defaults(func=cmd_evaluate)
+
+    ls = sub.add_parser("list", help="list methods, fusions, encoders, datasets")
+    ls.add_argument("what", nargs="?", choices=["methods", "fusions", "encoders", "datasets"])
+    ls.set_defaults(func=cmd_list)
+
+    try:
+        from .data import preprocess
+
+        pp = sub.add_parser("preprocess", help="turn raw videos of a standard dataset into the loaders' layout")
+        preprocess.add_arguments(pp)
+        pp.set_defaults(func=cmd_preprocess)
+    except ImportError:  # pragma: no cover - module not present
+        pass
+    try:
+        from .experiments import cli as exp_cli
+
+        ex = sub.add_parser("experiment", help="multi-seed runs, sweeps and result tables")
+        exp_cli.add_arguments(ex)
+        ex.set_defaults(func=exp_cli.run)
+    except ImportError:  # pragma: no cover
+        pass
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _setup_logging(args.quiet)
+    try:
+        return int(args.func(args, rest) or 0)
+    except ConfigError as e:
+        print(f"mmbalance: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmbalance: interrupted; a training run can be continued with --resume DIR", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - turn known failure kinds into one line
+        from .engine import TrainingDiverged
+
+        if isinstance(e, TrainingDiverged):
+            print(f"mmbalance: training diverged: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

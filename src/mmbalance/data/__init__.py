@@ -1,0 +1,51 @@
+"""Datasets: the registry, the batch contract, and one module per dataset family.
+
+``build_dataset(name_or_path, **options)`` returns :class:`DataSplits`. A name ending in
+``.npz`` (or an existing file) is read with the generic features format.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Callable
+
+from ..registry import ConfigError, Registry, check_options
+from .base import ArrayDataset, Batch, DataSplits, make_sample, stratified_split
+
+DATASETS: Registry[Callable[..., DataSplits]] = Registry("dataset")
+register_dataset = DATASETS.register
+
+# Modules that register datasets; imported lazily so a missing optional dependency of one
+# dataset family never breaks the others.
+_DATASET_MODULES = ["uci_mfeat", "av_digits", "audiovisual"]
+
+
+def _import_all() -> None:
+    for mod in _DATASET_MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:  # a module not written yet, or a missing optional dep
+            if e.name and e.name.startswith(__name__):
+                continue
+            raise
+
+
+def list_datasets() -> list[str]:
+    _import_all()
+    return DATASETS.names()
+
+
+def build_dataset(name: str, **options: Any) -> DataSplits:
+    """Build a dataset by registry name or from a ``.npz`` features file."""
+    _import_all()
+    if name.endswith(".npz") or (os.path.sep in name and os.path.exists(name)):
+        from .features import load_features
+
+        return load_features(name, **options)
+    factory = DATASETS.get(name)
+    check_options("dataset", name, factory, options)
+    return factory(**options)
+
+
+__all__ = ["ArrayDataset", "Batch", "DataSplits", "DATASETS", "build_dataset", "list_datasets",
+           "make_sample", "register_dataset", "stratified_split", "ConfigError"]

@@ -1,0 +1,142 @@
+"""The Method interface.
+
+A method owns what differs between methods and nothing else: how one training step uses the
+model (losses, gradient hooks, projections, alternation), optional per-epoch work (valuation,
+prototypes, covariance), how it predicts, and what it logs. The :class:`~mmbalance.engine.Trainer`
+owns the loop, devices, precision, checkpoints, metrics and logging.
+
+Life cycle (all hooks optional except what the default already does)::
+
+    method = create_method(name, **hyperparameters)      # constructor: hyperparameters only
+    method.modalities(available)    -> modalities to use (e.g. ``unimodal`` keeps one)
+    method.build_model(spec)        -> MultimodalModel (default: encoders + chosen fusion)
+    method.setup(trainer)           # trainer gives model, optimizer, data, device, helpers
+    for epoch:
+        method.on_epoch_start(epoch)
+        dataset = method.train_dataset(epoch, base_train)   # e.g. valuation re-sampling
+        for batch: method.training_step(batch) -> {name: float}
+        method.on_epoch_end(epoch)
+        diagnostics = method.epoch_diagnostics()   # means of what was ``log``-ged, reset
+    method.predict(batch) -> Output                 # evaluation (eval mode, no grad)
+    method.state_dict() / load_state_dict()         # whatever must survive --resume
+
+Helpers a step uses from the trainer: ``trainer.step(loss)`` (zero grads, backward, clip,
+optimizer step), or the pieces ``trainer.zero_grad()``, ``trainer.backward(loss)``,
+``trainer.optimizer_step()`` when gradients are modified in between; ``trainer.autocast()``;
+``trainer.all_reduce_mean(t)`` for batch statistics (identity on one process).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..models import MultimodalModel, Output, create_encoder, create_fusion
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.trainer import Trainer
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to build a model for a dataset: resolved per-modality encoders."""
+
+    modalities: list[str]
+    num_classes: int
+    input_shapes: dict[str, tuple[int, ...]]
+    encoders: dict[str, tuple[str, dict[str, Any]]]  # modality -> (encoder name, options)
+    fusion: str
+    fusion_options: dict[str, Any]
+    absent_policy: str
+
+    def build_encoders(self) -> dict[str, nn.Module]:
+        return {m: create_encoder(name, self.input_shapes[m], **opts)
+                for m, (name, opts) in self.encoders.items()}
+
+
+def build_standard_model(spec: ModelSpec, fusion: str | None = None, **fusion_options: Any) -> MultimodalModel:
+    """Encoders from ``spec`` and a registered fusion (``fusion`` overrides the spec's)."""
+    encoders = spec.build_encoders()
+    dims = {m: int(e.out_dim) for m, e in encoders.items()}
+    opts = dict(spec.fusion_options) if fusion is None else {}
+    opts.update(fusion_options)
+    head = create_fusion(fusion or spec.fusion, dims, spec.num_classes, **opts)
+    return MultimodalModel(encoders, head, spec.input_shapes, spec.absent_policy)
+
+
+class Method:
+    """Base class; subclasses set ``name``/``summary`` via :func:`register_method`."""
+
+    name: str = "base"
+    #: a fusion the method requires (e.g. ``shared_head``); None = any fusion
+    required_fusion: str | None = None
+
+    def __init__(self) -> None:
+        self._logs: dict[str, list[float]] = defaultdict(list)
+        self.trainer: Trainer | None = None
+
+    # -- construction --------------------------------------------------------------------
+    def modalities(self, available: list[str]) -> list[str]:
+        return list(available)
+
+    def build_model(self, spec: ModelSpec) -> MultimodalModel:
+        return build_standard_model(spec)
+
+    def setup(self, trainer: "Trainer") -> None:
+        self.trainer = trainer
+
+    @property
+    def model(self) -> MultimodalModel:
+        assert self.trainer is not None, "method used before setup()"
+        return self.trainer.model
+
+    # -- training ------------------------------------------------------------------------
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def train_dataset(self, epoch: int, dataset: Dataset) -> Dataset:
+        return dataset
+
+    def training_step(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def on_epoch_end(self, epoch: int) -> None:
+        pass
+
+    # -- evaluation ------------------------------------------------------------------------
+    def predict(self, batch: Mapping[str, Any]) -> Output:
+        return self.model(batch["inputs"], batch["present"])
+
+    # -- diagnostics -----------------------------------------------------------------------
+    def log(self, name: str, value: float | Tensor) -> None:
+        """Record a diagnostic; the epoch's mean goes to metrics.jsonl."""
+        self._logs[name].append(float(value))
+
+    def epoch_diagnostics(self) -> dict[str, float]:
+        out = {k: sum(v) / len(v) for k, v in self._logs.items() if v}
+        self._logs.clear()
+        return out
+
+    # -- state (resume) --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    # -- shared helpers --------------------------------------------------------------------
+    @staticmethod
+    def ce(logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits.float(), labels)
+
+    def hparams(self) -> dict[str, Any]:
+        """The constructor's hyperparameters (for config.yaml)."""
+        import inspect
+
+        sig = inspect.signature(type(self).__init__)
+        return {k: getattr(self, k) for k in sig.parameters if k != "self" and hasattr(self, k)}

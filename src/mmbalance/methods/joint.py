@@ -1,0 +1,28 @@
+"""Joint training: cross-entropy of the fused logits, any fusion (the standard baseline)."""
+from __future__ import annotations
+
+from . import register_method
+from .base import Method
+
+
+@register_method("joint", summary="plain joint training of the fused loss CE(z, y), any fusion")
+class Joint(Method):
+    """Minimise CE(z, y) on the fused logits; unimodal logits are only evaluated.
+
+    Options:
+        unimodal_weight: add ``unimodal_weight * sum_m CE(z_m, y)`` (0 = plain joint training).
+    """
+
+    def __init__(self, unimodal_weight: float = 0.0):
+        super().__init__()
+        self.unimodal_weight = float(unimodal_weight)
+
+    def training_step(self, batch):
+        with self.trainer.autocast():
+            out = self.model(batch["inputs"], batch["present"])
+        y = batch["label"]
+        loss = self.ce(out.logits, y)
+        if self.unimodal_weight:
+            loss = loss + self.unimodal_weight * sum(self.ce(z, y) for z in out.unimodal_logits.values())
+        self.trainer.step(loss)
+        return {"loss": float(loss.detach())}
