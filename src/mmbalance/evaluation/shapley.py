@@ -1,0 +1,48 @@
+"""Exact Shapley values over modality subsets, for any number of modalities.
+
+Subsets of M modalities are encoded as bit masks 0 .. 2^M - 1 (bit i set = modality i present).
+Given the value v(S) of every subset (any trailing shape: per sample, per class logit, ...),
+
+    phi_i = sum_{S not containing i} |S|! (M - |S| - 1)! / M! * (v(S + i) - v(S)).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+
+def subset_members(mask: int, M: int) -> list[int]:
+    return [i for i in range(M) if mask >> i & 1]
+
+
+@lru_cache(maxsize=None)
+def shapley_matrix(M: int) -> Tensor:
+    """(M, 2^M) matrix A with phi = A @ v for values v stacked over subsets (float64)."""
+    A = torch.zeros(M, 2**M, dtype=torch.float64)
+    fm = math.factorial(M)
+    for i in range(M):
+        for S in range(2**M):
+            if S >> i & 1:
+                continue
+            s = bin(S).count("1")
+            w = math.factorial(s) * math.factorial(M - s - 1) / fm
+            A[i, S | (1 << i)] += w
+            A[i, S] -= w
+    return A
+
+
+def shapley_values(values: Tensor) -> Tensor:
+    """Shapley values from subset values.
+
+    ``values``: shape (2^M, ...) — v(S) for every subset mask S (values[0] is v(empty)).
+    Returns shape (M, ...).
+    """
+    n = values.shape[0]
+    M = n.bit_length() - 1
+    if 2**M != n:
+        raise ValueError(f"expected 2^M subset values, got {n}")
+    A = shapley_matrix(M).to(device=values.device, dtype=values.dtype if values.is_floating_point() else torch.float64)
+    return torch.tensordot(A, values.to(A.dtype), dims=([1], [0]))
