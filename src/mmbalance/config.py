@@ -134,6 +134,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' takes a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML reads on/off/yes/no as booleans
+            return "on" if value else "off"
+        if isinstance(value, (int, float)):
+            return str(value)
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' takes a string, got {value!r}")
         return value
