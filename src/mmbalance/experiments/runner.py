@@ -37,7 +37,7 @@ class RunSpec:
 
     @classmethod
     def parse(cls, text: str) -> "RunSpec":
-        label, _, body = text.rpartition("=") if "=" in text.split(":")[0] else ("", "", text)
+        label, body = text.split("=", 1) if "=" in text.split(":")[0] else ("", text)
         method, _, opts = body.partition(":")
         options: dict[str, Any] = {}
         for item in filter(None, opts.split(",")):
