@@ -123,3 +123,19 @@ def test_unknown_fusion_and_option_list_valid_names():
         assert n in str(e.value)
     with pytest.raises(ConfigError, match="valid options"):
         create_fusion("concat", {"a": 3}, C, bogus=1)
+
+
+@pytest.mark.parametrize("M", [2, 3])
+def test_gated_self_gating_unimodal_rule(M):
+    dims = DIMS[M]
+    f = create_fusion("gated", dims, C, unimodal="self")
+    x = feats(dims)
+    z, zm = f(x)
+    c, targets = f.condition, f.targets
+    assert torch.allclose(z, f.fuse(x))
+    u = [f.gate[t](x[c]) for t in targets]
+    assert torch.allclose(zm[c], f.out(torch.cat([torch.sigmoid(v) * v for v in u], 1)), atol=1e-6)
+    t0 = targets[0]
+    v = f.value[t0](x[t0])
+    blocks = [torch.sigmoid(v) * v] + [torch.zeros(B, f.hidden)] * (len(targets) - 1)
+    assert torch.allclose(zm[t0], f.out(torch.cat(blocks, 1)), atol=1e-6)

@@ -188,6 +188,16 @@ class Trainer:
         self.backward(loss)
         self.optimizer_step()
 
+    @property
+    def world_size(self) -> int:
+        dist = torch.distributed
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        dist = torch.distributed
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         """Average a batch statistic over processes (identity in a single process)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -19,9 +19,13 @@ film / gated with more than two modalities: one *conditioning* modality c (optio
 ``condition``, default the first) modulates (film) or gates (gated) every other modality x;
 the modulated vectors are concatenated before the output layer. With two modalities this is
 exactly FiLM (Perez et al. 2018) and the gated fusion of Kiela et al. 2018 as used by OGM-GE.
-Their unimodal logits use the *zero-the-others* rule: they pass through the same parameters as
-the fused logits (so unimodal losses train the encoders, as ARL needs) at the cost of M extra
-fusion-head evaluations (cheap: no encoder runs again).
+Their unimodal logits use the *zero-the-others* rule by default: they pass through the same
+parameters as the fused logits (so unimodal losses train the encoders, as ARL needs) at the
+cost of M extra fusion-head evaluations (cheap: no encoder runs again). Caveat, measured: with
+zero-the-others, gated's conditioning modality and film's modulated modality get nearly
+constant unimodal logits (gate x bias, or bias-only scale), which stay near chance under
+joint training; gated offers ``unimodal="self"`` (the ARL public code's self-gating) instead.
+For film the per-modality *probe* accuracy is the meaningful per-modality measure.
 """
 from __future__ import annotations
 
@@ -181,11 +185,25 @@ class FiLMFusion(_ConditionedFusion):
 
 @register_fusion("gated", summary="gated fusion: sigmoid gate from one modality on the others (Kiela et al. 2018)")
 class GatedFusion(_ConditionedFusion):
+    """``z = W_out [sigmoid(U_x h_c) * V_x h_x]_x + b``.
+
+    ``unimodal``: ``zero_others`` (default, shared rule of film/gated) or ``self`` — the ARL
+    public code's self-gating, ``z_c = W_out [sigmoid(U_x h_c) * U_x h_c]_x`` and
+    ``z_x = W_out [.., sigmoid(V_x h_x) * V_x h_x, ..]`` (other blocks zero). Zeroing the others
+    leaves the conditioning modality's logits a function of the gate only
+    (``sigmoid(U h_c) * b_V``), which barely learns; self-gating gives each modality a real
+    path to the output, at no extra parameters.
+    """
+
     def __init__(self, feature_dims: dict[str, int], num_classes: int, condition: str | None = None,
-                 hidden_dim: int | None = None):
+                 hidden_dim: int | None = None, unimodal: str = "zero_others"):
         super().__init__(feature_dims, num_classes, condition)
+        if unimodal not in ("zero_others", "self"):
+            raise ConfigError("gated option unimodal must be 'zero_others' or 'self'")
         dc = feature_dims[self.condition]
         hid = hidden_dim or dc
+        self.hidden = hid
+        self.unimodal = unimodal
         self.gate = nn.ModuleDict({x: nn.Linear(dc, hid) for x in self.targets})
         self.value = nn.ModuleDict({x: nn.Linear(feature_dims[x], hid) for x in self.targets})
         self.out = nn.Linear(hid * len(self.targets), num_classes)
@@ -194,3 +212,19 @@ class GatedFusion(_ConditionedFusion):
         hc = features[self.condition]
         parts = [torch.sigmoid(self.gate[x](hc)) * self.value[x](features[x]) for x in self.targets]
         return self.out(torch.cat(parts, dim=1))
+
+    def forward(self, features):
+        if self.unimodal == "zero_others":
+            return super().forward(features)
+        hc = features[self.condition]
+        zm = {}
+        parts = []
+        for x in self.targets:
+            u = self.gate[x](hc)
+            parts.append(torch.sigmoid(u) * u)
+        zm[self.condition] = self.out(torch.cat(parts, dim=1))
+        for x in self.targets:
+            v = self.value[x](features[x])
+            blocks = [torch.sigmoid(v) * v if t == x else v.new_zeros(v.shape[0], self.hidden) for t in self.targets]
+            zm[x] = self.out(torch.cat(blocks, dim=1))
+        return self.fuse(features), zm

@@ -1,0 +1,623 @@
+"""MIE — modal-aware interactive enhancement (Jiang, Chi, Yang, arXiv 2407.04587).
+
+Per-modality networks (encoder + 3-layer head), trained one modality at a time in *stages*.
+Each step is a sharpness-aware (SAM) step on the current modality's parameters whose head
+weight gradients are damped along the dominant input directions of the previously trained
+modality (``grad_W <- grad_W T``). The pure math lives in small functions below
+(:func:`sam_perturbation`, :func:`batch_mean_outer`, :func:`flat_gm_matrix`,
+:func:`modify_weight_gradient`, :func:`select_gm_layers`, :func:`average_fusion`,
+:func:`entropy_weights`, :func:`entropy_fusion`, :func:`stage_of_epoch`); :class:`MIE` wires
+them into the engine's hooks.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models import MultimodalModel, Output
+from ..models.fusions import Fusion
+from ..registry import ConfigError
+from .mla import mla_fuse, mla_fusion_weights
+from . import register_method
+from .base import Method, ModelSpec
+
+log = logging.getLogger("mmbalance")
+
+FUSION_RULES = ("average", "entropy")
+VARIANTS = ("paper", "official")
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+# ---------------------------------------------------------------------------------------- math
+def sam_perturbation(grads: Sequence[Tensor], rho: float) -> tuple[list[Tensor], float]:
+    """SAM ascent step (Foret et al. 2021): ``eps = rho * g / ||g||_2``, one *global* norm over
+    all tensors in ``grads``. Returns the per-tensor perturbations and ``||g||``.
+
+    A zero gradient gives a zero perturbation.
+
+    >>> eps, n = sam_perturbation([torch.tensor([3.0]), torch.tensor([4.0])], rho=0.5)
+    >>> [round(float(e), 4) for e in eps], n
+    ([0.3, 0.4], 5.0)
+    """
+    if not grads:
+        return [], 0.0
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+    scale = rho / norm if float(norm) > 0 else torch.zeros_like(norm)
+    return [(g.detach() * scale.to(g.dtype)) for g in grads], float(norm)
+
+
+def batch_mean_outer(x: Tensor, batch_size: int | None = None, mask: Tensor | None = None) -> Tensor:
+    """``sum_t zbar_t zbar_t^T`` over consecutive batches of ``batch_size`` rows of a layer input
+    ``x`` (N, d) (or (N, ..., d): extra axes are averaged per sample), ``zbar_t`` = the mean of
+    batch t's rows (only rows where ``mask`` is True; batches with none are skipped). One batch
+    when ``batch_size`` is None. Summed over the training set this is the paper's cumulative
+    statistic ``Ybar`` (Eq. 5): rank one per batch, not a per-sample covariance. Float64.
+
+    >>> batch_mean_outer(torch.tensor([[1.0, 0.0], [3.0, 2.0]]))
+    tensor([[4., 2.],
+            [2., 1.]], dtype=torch.float64)
+    """
+    x = x.detach().double()
+    x = x.reshape(x.shape[0], -1, x.shape[-1]).mean(1)
+    n, d = x.shape
+    w = torch.ones(n, dtype=x.dtype, device=x.device) if mask is None else mask.to(x.device, x.dtype)
+    bs = batch_size or max(n, 1)
+    pad = (-n) % bs
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, d)])
+        w = torch.cat([w, w.new_zeros(pad)])
+    xs, ws = x.view(-1, bs, d), w.view(-1, bs, 1)
+    cnt = ws.sum(1)
+    z = (xs * ws).sum(1)[cnt[:, 0] > 0] / cnt[cnt[:, 0] > 0]
+    return z.T @ z
+
+
+def flat_gm_matrix(ybar: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    """The gradient-modification matrix ``T = V Sigma V^T`` of paper Eq. 6-7.
+
+    ``Ybar = U Lambda V^T`` (SVD); ``Sigma = exp(-tau (Lambda - lambda_min) / (lambda_max -
+    lambda_min))``, so T is symmetric with eigenvalues in ``[exp(-tau), 1]``: the direction with
+    the largest singular value is damped by ``exp(-tau)``, the smallest is kept. When all
+    singular values are equal (e.g. ``Ybar = 0``) the normalisation is undefined; we take it as
+    0, i.e. ``T = I`` (no direction is preferred, nothing is damped).
+    Returns ``(T, Lambda)``; T in ``ybar``'s dtype, Lambda in float64 (descending).
+
+    >>> T, s = flat_gm_matrix(torch.diag(torch.tensor([4.0, 1.0])), tau=0.4)
+    >>> [round(float(v), 4) for v in torch.diagonal(T)]
+    [0.6703, 1.0]
+    """
+    y = ybar.detach().double()
+    _, s, vh = torch.linalg.svd(y)
+    lo, hi = s.min(), s.max()
+    if float(hi - lo) <= 1e-12 * max(float(hi), 1e-300):
+        normed = torch.zeros_like(s)
+    else:
+        normed = (s - lo) / (hi - lo)
+    sigma = torch.exp(-float(tau) * normed)
+    v = vh.mH
+    t = (v * sigma) @ v.mH
+    t = 0.5 * (t + t.mH)  # exact symmetry despite rounding
+    return t.to(ybar.dtype), s
+
+
+def modify_weight_gradient(grad: Tensor, T: Tensor) -> Tensor:
+    """``grad_W T`` for a weight gradient ``(out, in)`` and ``T`` ``(in, in)`` (paper Eq. 8);
+    biases are never modified."""
+    return grad @ T.to(grad.dtype)
+
+
+def average_fusion(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Average of the modalities' probabilities, returned as its log: ``log mean_m softmax(z_m)``.
+
+    ``logits`` is ``(M, B, C)``; ``mask`` ``(M, B)`` bool restricts the mean to present
+    modalities (a sample with none present averages all). The log of the mean probability has
+    the same argmax as the mean and is a proper log-probability, so the engine's fused
+    cross-entropy is the mixture's NLL.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    if mask is None:
+        return torch.logsumexp(logp, dim=0) - math.log(logits.shape[0])
+    w = _mask_weights(mask)
+    return torch.logsumexp(logp + torch.log(w).unsqueeze(-1), dim=0)
+
+
+def entropy_weights(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """MLA's per-sample dynamic fusion weights (MLA Eq. 7) for stacked logits ``(M, B, C)``:
+    ``lambda_m = softmax_m(-e_m)`` -> ``(M, B)``; one implementation, :func:`mla_fusion_weights`."""
+    present = list(mask) if mask is not None else None
+    return mla_fusion_weights(list(logits), "entropy", present=present).T
+
+
+def entropy_fusion(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``sum_m lambda_m z_m`` on logits with :func:`entropy_weights` (as MLA)."""
+    present = list(mask) if mask is not None else None
+    return mla_fuse(list(logits), "entropy", present=present)[0]
+
+
+def _mask_weights(mask: Tensor) -> Tensor:
+    keep = mask.clone().float()
+    none = keep.sum(0) == 0
+    keep[:, none] = 1.0
+    return keep / keep.sum(0, keepdim=True)
+
+
+def stage_of_epoch(epoch: int, stage_epochs: int | Sequence[int]) -> int:
+    """Index of the stage that epoch ``epoch`` (0-based) belongs to, for stage lengths
+    ``stage_epochs`` (an int, or a list cycled: stage s lasts ``stage_epochs[s % len]`` epochs).
+
+    >>> [stage_of_epoch(e, [2, 3]) for e in range(8)]
+    [0, 0, 1, 1, 1, 2, 2, 3]
+    """
+    lengths = [int(stage_epochs)] if isinstance(stage_epochs, int) else [int(s) for s in stage_epochs]
+    if len(lengths) == 1:
+        return epoch // lengths[0]
+    cycle = sum(lengths)
+    s, rem = (epoch // cycle) * len(lengths), epoch % cycle
+    for n in lengths:
+        if rem < n:
+            return s
+        rem -= n
+        s += 1
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def select_gm_layers(encoder: nn.Module, head: nn.Module, scope: str | float) -> list[tuple[str, nn.Linear]]:
+    """The Linear layers whose weight gradients are modified, deepest first, with labels.
+
+    ``scope="head"``: the head's Linear layers (``head1`` .. ``head3``, input to output).
+    ``scope=f`` (0 < f <= 1): the deepest fraction f of the network's parameters (paper
+    Table 4): walking parameterised layers from the output backwards, a layer is taken while
+    the parameters already taken are fewer than ``f * total`` (so the last layer is always
+    taken). Encoder Linear layers are labelled ``enc1`` .. ``encK``. Norm layers count towards
+    the total but are not modified (like biases). A convolution inside the chosen fraction
+    raises :class:`ConfigError` (only Linear layers are supported).
+    """
+    head_lin = [mod for mod in head.modules() if isinstance(mod, nn.Linear)]
+    head_labels = {id(mod): f"head{i + 1}" for i, mod in enumerate(head_lin)}
+    if scope == "head":
+        return [(head_labels[id(mod)], mod) for mod in reversed(head_lin)]
+    enc_lin = [mod for mod in encoder.modules() if isinstance(mod, nn.Linear)]
+    enc_labels = {id(mod): f"enc{i + 1}" for i, mod in enumerate(enc_lin)}
+    labels = {**enc_labels, **head_labels}
+    layers = [mod for part in (encoder, head) for mod in part.modules()
+              if any(True for _ in mod.parameters(recurse=False))]
+    total = sum(p.numel() for mod in layers for p in mod.parameters(recurse=False))
+    budget, taken, out = float(scope) * total, 0, []
+    for mod in reversed(layers):
+        if taken >= budget:
+            break
+        if isinstance(mod, _CONV):
+            raise ConfigError(
+                f"mie: gm_scope={scope} reaches a {type(mod).__name__} layer; gradient modification "
+                "supports Linear layers only — use gm_scope head or a smaller fraction")
+        if isinstance(mod, nn.Linear):
+            out.append((labels[id(mod)], mod))
+        taken += sum(p.numel() for p in mod.parameters(recurse=False))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- model
+class MIEHeads(Fusion):
+    """One head per modality, FC(d,256) -> ReLU -> FC(256,64) -> FC(64,C) (paper Sec. 4.2.3; no
+    ReLU between the last two layers, as in the public code), and late fusion of the unimodal
+    logits by ``rule``: ``average`` (log of the mean probability) or ``entropy`` (MLA weighting).
+
+    Built by the ``mie`` method only; not in the fusion registry (its ``name`` is reported)."""
+
+    name = "mie_heads"
+
+    def __init__(self, feature_dims: dict[str, int], num_classes: int, rule: str = "average",
+                 hidden: Sequence[int] = (256, 64)):
+        super().__init__(feature_dims, num_classes)
+        h1, h2 = (int(h) for h in hidden)
+        self.rule = rule
+        self.heads = nn.ModuleDict({
+            m: nn.Sequential(nn.Linear(d, h1), nn.ReLU(), nn.Linear(h1, h2), nn.Linear(h2, num_classes))
+            for m, d in feature_dims.items()})
+
+    def combine(self, zm: Mapping[str, Tensor], mask: Tensor | None = None) -> Tensor:
+        stacked = torch.stack([zm[m] for m in self.modalities])
+        fused = average_fusion(stacked, mask) if self.rule == "average" else entropy_fusion(stacked, mask)
+        return fused.to(stacked.dtype)
+
+    def forward(self, features):
+        zm = {m: self.heads[m](features[m]) for m in self.modalities}
+        return self.combine(zm), zm
+
+
+@contextlib.contextmanager
+def _frozen_norm_stats(modules: Sequence[nn.Module]):
+    """Keep BatchNorm running statistics unchanged (the SAM re-evaluation is not a new batch)."""
+    bns = [mod for mod in modules if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats]
+    saved = [(bn.momentum, bn.num_batches_tracked.clone()) for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0
+    try:
+        yield
+    finally:
+        for bn, (mom, nbt) in zip(bns, saved):
+            bn.momentum = mom
+            bn.num_batches_tracked.copy_(nbt)
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+# ---------------------------------------------------------------------------------------- method
+@register_method("mie", summary="MIE: per-modality networks trained in stages with SAM and SVD gradient modification")
+class MIE(Method):
+    """Modal-aware interactive enhancement (MIE, paper Algorithm 1).
+
+    Model: late fusion of per-modality networks, encoder_m + head_m with
+    head = FC(d,256) -> ReLU -> FC(256,64) -> FC(64,C) (Sec. 4.2.3). ``--fusion`` is not used
+    (only the default ``concat`` or ``late`` are accepted); the test-time rule is ``fusion``.
+
+    Training, in *stages*: stage s trains modality ``j = modalities[s % M]`` only (CE on its own
+    logits; the other networks get no gradient and no optimizer update). Per step:
+
+    1. **SAM** (Sec. 3.2, Eq. 3-4; Foret et al.) on theta_j = encoder_j + head_j:
+       g = grad L(theta_j); eps = rho g / ||g||_2 (one global norm over theta_j); theta_j += eps;
+       a *fresh* forward at theta_j + eps (same dropout mask; BatchNorm running statistics not
+       updated twice); its gradient is the update direction; theta_j is then **restored exactly**
+       from a saved copy (never by subtracting eps).
+    2. **Gradient modification** (Eq. 8): for each modified Linear layer of modality j,
+       grad_W <- grad_W T^(k) with T^(k) of the layer at the same depth and with the same weight
+       shape of the previously trained modality k (stage s-1); biases are not modified.
+       T^(k) = I until k has finished a stage (also for layers without a same-shape partner).
+    3. The optimizer step (the engine's optimizer, clipping included).
+
+    After modality j's stage, for each modified layer: Ybar = sum_t zbar_t zbar_t^T over the
+    training set (``train_eval``, deterministic) in batches of ``cov_batch_size``, eval mode,
+    no grad, zbar_t = batch-mean layer input over the batch's samples where m is present
+    (Eq. 5; all-reduced); SVD Ybar = U Lambda V^T;
+    Sigma = exp(-tau (Lambda - lambda_min) / (lambda_max - lambda_min)); T^(j) = V Sigma V^T
+    (Eq. 6-7); eigenvalues in [exp(-tau), 1]; equal singular values give T = I.
+
+    Schedule — how epochs map onto stages: by default (``stage_epochs=1``) every epoch is one
+    stage and the modalities alternate epoch by epoch, so with E epochs each of M modalities is
+    trained for about E/M epochs (40 epochs, 2 modalities: 20 epochs each) and T is rebuilt once
+    per epoch (one extra forward pass over the training set). ``stage_epochs=[a, b, ...]`` gives
+    the public code's multi-epoch stages (cycled; e.g. ``[25, 50]``). ``inner_steps=n`` instead
+    makes a stage n mini-batches (n = 1: per-iteration alternation as MLA; stages run across
+    epoch boundaries); every stage ends with a covariance pass, so small n multiplies the cost.
+    Per-epoch stages are the default because they keep the paper's "T after each modality's
+    inner loop" at the public code's cost (one pass per stage) while giving every modality an
+    equal share of a short schedule; a warning is logged when a modality gets no stage at all.
+
+    Inference (``fusion``): ``average`` — the mean of the modalities' probabilities, returned as
+    its log (same argmax; the fused loss is the mixture's NLL); ``entropy`` — MLA's per-sample
+    entropy weights on the logits, sum_m lambda_m z_m. Absent modalities are left out per sample.
+
+    Options:
+        sam: SAM step on/off (paper Table 3 ablation). Default True.
+        rho: SAM radius. Default 1e-10 = the paper's value (audio-video; 1e-15 for image-text).
+            It is below float32 resolution of typical weights, so SAM does (almost) nothing at
+            this value; the realised perturbation norm is logged (``sam_eps_real/<m>``).
+        gm: gradient modification on/off (Table 3). Default True.
+        tau: damping temperature of Sigma. Default 0.4 (paper and code).
+        cov_batch_size: batch size of the covariance pass. Default 12 (public code).
+        gm_scope: ``"head"`` (default, paper: the three head Linear layers) or a fraction in
+            (0, 1] of the deepest parameters (Table 4), encoder Linear layers included; a conv
+            layer inside the fraction is a ConfigError (Linear layers only).
+        stage_epochs: epochs per stage, int or list (cycled). Default 1.
+        inner_steps: mini-batches per stage; replaces ``stage_epochs`` when set (then
+            ``stage_epochs`` must stay 1 or null). Default None.
+        fusion: ``average`` (default, code) or ``entropy``.
+        variant: ``paper`` (default) or ``official``: the public code's mixup on the current
+            modality's input (lambda ~ Beta(mixup_alpha, mixup_alpha), random partner in the
+            batch) and clean-label term, L = (1 - clean_weight) * [lambda CE(o, y) + (1 - lambda)
+            CE(o, y_perm)] + clean_weight * CE(o, y), o = head_j(encoder_j(x_mix)); both SAM
+            passes use the same mixup draw. The public code's other departures (per-tensor SAM
+            norm, no weight restore, stage restarts from a test-selected checkpoint) are bugs
+            and are not reproduced.
+        mixup_alpha: Beta parameter of the official mixup. Default 1.0.
+        clean_weight: weight of the clean-label term in the official variant. Default 0.3.
+
+    Diagnostics (per epoch): ``stage`` (stage index), ``trained/<m>`` (fraction of the epoch's
+    steps that trained m), ``loss/<m>``, ``sam_grad_norm/<m>`` (||g||), ``sam_eps/<m>`` (||eps||
+    = rho), ``sam_eps_real/<m>`` (norm of the perturbation actually realised in the weights),
+    ``sam_loss_rise/<m>`` (L(theta + eps) - L(theta)), ``gm_ratio/<m>`` (||grad_W T|| / ||grad_W||
+    over the modified weights), and after each stage ``sv_min/<m>/<layer>``,
+    ``sv_max/<m>/<layer>`` (range of Lambda; Ybar is a sum of rank-one terms, so lambda_min is
+    ~0 whenever the layer is wider than the number of covariance batches) and
+    ``sv_top_share/<m>`` (lambda_max / sum(Lambda), mean over layers: near 1 means T damps
+    essentially one direction).
+
+    Cost: per step, one network (the current modality) forward + backward, twice with SAM; one
+    covariance pass over the training set and small SVDs per stage.
+    """
+
+    def __init__(self, sam: bool = True, rho: float = 1e-10, gm: bool = True, tau: float = 0.4,
+                 cov_batch_size: int = 12, gm_scope: str | float = "head",
+                 stage_epochs: int | list[int] | None = 1, inner_steps: int | None = None,
+                 fusion: str = "average", variant: str = "paper", mixup_alpha: float = 1.0,
+                 clean_weight: float = 0.3):
+        super().__init__()
+        for key, val in (("sam", sam), ("gm", gm)):
+            if not isinstance(val, bool):
+                raise ConfigError(f"mie option {key} takes true/false, got {val!r}")
+        if not isinstance(rho, (int, float)) or isinstance(rho, bool) or rho < 0:
+            raise ConfigError(f"mie option rho must be a number >= 0, got {rho!r}")
+        if not isinstance(tau, (int, float)) or isinstance(tau, bool) or tau < 0:
+            raise ConfigError(f"mie option tau must be a number >= 0, got {tau!r}")
+        if not _is_pos_int(cov_batch_size):
+            raise ConfigError(f"mie option cov_batch_size must be an integer >= 1, got {cov_batch_size!r}")
+        if gm_scope != "head" and not (isinstance(gm_scope, (int, float)) and not isinstance(gm_scope, bool)
+                                        and 0 < gm_scope <= 1):
+            raise ConfigError(f"mie option gm_scope must be 'head' or a fraction in (0, 1], got {gm_scope!r}")
+        if stage_epochs is not None:
+            lst = stage_epochs if isinstance(stage_epochs, (list, tuple)) else [stage_epochs]
+            if not lst or not all(_is_pos_int(s) for s in lst):
+                raise ConfigError(f"mie option stage_epochs must be an integer >= 1 or a list of them, "
+                                  f"got {stage_epochs!r}")
+        if inner_steps is not None:
+            if not _is_pos_int(inner_steps):
+                raise ConfigError(f"mie option inner_steps must be an integer >= 1, got {inner_steps!r}")
+            if stage_epochs not in (None, 1):
+                raise ConfigError("mie: set either inner_steps (mini-batches per stage) or stage_epochs "
+                                  "(epochs per stage), not both")
+        elif stage_epochs is None:
+            raise ConfigError("mie: one of stage_epochs or inner_steps must be set")
+        if fusion not in FUSION_RULES:
+            raise ConfigError(f"mie option fusion must be one of {', '.join(FUSION_RULES)}, got {fusion!r}")
+        if variant not in VARIANTS:
+            raise ConfigError(f"mie option variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        if not isinstance(mixup_alpha, (int, float)) or mixup_alpha <= 0:
+            raise ConfigError(f"mie option mixup_alpha must be > 0, got {mixup_alpha!r}")
+        if not isinstance(clean_weight, (int, float)) or not 0 <= clean_weight <= 1:
+            raise ConfigError(f"mie option clean_weight must be in [0, 1], got {clean_weight!r}")
+        self.sam = sam
+        self.rho = float(rho)
+        self.gm = gm
+        self.tau = float(tau)
+        self.cov_batch_size = int(cov_batch_size)
+        self.gm_scope = gm_scope if gm_scope == "head" else float(gm_scope)
+        self.stage_epochs = list(stage_epochs) if isinstance(stage_epochs, tuple) else stage_epochs
+        self.inner_steps = inner_steps
+        self.fusion = fusion
+        self.variant = variant
+        self.mixup_alpha = float(mixup_alpha)
+        self.clean_weight = float(clean_weight)
+        # stage state (resume): T per modality (list aligned with its GM layers), stage counters
+        self._T: dict[str, list[Tensor] | None] = {}
+        self._stage = 0
+        self._steps_in_stage = 0
+
+    # -- construction ----------------------------------------------------------------------
+    def build_model(self, spec: ModelSpec) -> MultimodalModel:
+        if spec.fusion not in ("concat", "late"):
+            raise ConfigError(f"mie builds its own per-modality networks (late fusion); --fusion "
+                              f"{spec.fusion} is not used — choose the test-time rule with "
+                              f"--method.fusion {'|'.join(FUSION_RULES)}")
+        encoders = spec.build_encoders()
+        dims = {m: int(e.out_dim) for m, e in encoders.items()}
+        head = MIEHeads(dims, spec.num_classes, rule=self.fusion)
+        model = MultimodalModel(encoders, head, spec.input_shapes, spec.absent_policy)
+        for m in model.modalities:  # fail early on conv layers inside a gm_scope fraction
+            select_gm_layers(model.encoders[m], head.heads[m], self.gm_scope)
+        return model
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        model = self.model
+        self._mods = list(model.modalities)
+        self._layers = {m: select_gm_layers(model.encoders[m], model.fusion.heads[m], self.gm_scope)
+                        for m in self._mods}
+        self._params = {m: [p for p in list(model.encoders[m].parameters()) + list(model.fusion.heads[m].parameters())
+                            if p.requires_grad] for m in self._mods}
+        self._T = {m: None for m in self._mods}
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        M, E = len(self._mods), self.trainer.cfg.train.epochs
+        if self.inner_steps is not None:
+            n_batches = math.ceil(len(self.trainer.data.train) / self.trainer.cfg.train.batch_size)
+            stages = math.ceil(E * n_batches / self.inner_steps)
+        else:
+            stages = stage_of_epoch(E - 1, self.stage_epochs) + 1
+        if stages < M:
+            untrained = self._mods[stages:]
+            log.warning("mie: with %d epoch(s) the schedule has %d stage(s); modality %s is never trained "
+                        "(raise train.epochs or shorten the stages)", E, stages, ", ".join(untrained))
+
+    # -- schedule --------------------------------------------------------------------------
+    def current_modality(self) -> str:
+        return self._mods[self._stage % len(self._mods)]
+
+    def previous_modality(self) -> str | None:
+        return self._mods[(self._stage - 1) % len(self._mods)] if self._stage > 0 else None
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.inner_steps is None:
+            self._stage = stage_of_epoch(epoch, self.stage_epochs)
+
+    def on_epoch_end(self, epoch: int) -> None:
+        if self.inner_steps is None and stage_of_epoch(epoch + 1, self.stage_epochs) != self._stage:
+            self.end_stage(self.current_modality())
+
+    def end_stage(self, m: str) -> None:
+        """Build T^(m) from modality m's layer inputs over the training set (paper Eq. 5-7)."""
+        ybars = self.layer_input_statistics(m)
+        ts, shares = [], []
+        for (label, _), ybar in zip(self._layers[m], ybars):
+            t, s = flat_gm_matrix(ybar, self.tau)
+            ts.append(t.float())
+            self.log(f"sv_min/{m}/{label}", float(s.min()))
+            self.log(f"sv_max/{m}/{label}", float(s.max()))
+            if float(s.sum()) > 0:
+                shares.append(float(s.max() / s.sum()))
+        if shares:  # Ybar sums rank-one terms, so lambda_min is ~0 and max/min says nothing
+            self.log(f"sv_top_share/{m}", sum(shares) / len(shares))
+        self._T[m] = ts
+
+    @torch.no_grad()
+    def layer_input_statistics(self, m: str) -> list[Tensor]:
+        """Ybar = sum_t zbar_t zbar_t^T per modified layer of modality m (deterministic train
+        data, ``cov_batch_size``, eval mode, no grad, fp32, all-reduced)."""
+        trainer, model = self.trainer, self.model
+        layers = self._layers[m]
+        acc = [torch.zeros(mod.in_features, mod.in_features, dtype=torch.float64, device=trainer.device)
+               for _, mod in layers]
+        current: dict[str, Tensor] = {}
+
+        def make_hook(i):
+            def hook(_mod, inputs):
+                acc[i] += batch_mean_outer(inputs[0], self.cov_batch_size, current["present"])
+            return hook
+
+        # In eval mode every sample is computed independently, so the forward runs on loader
+        # batches of a multiple of cov_batch_size (fewer, larger batches: same numbers, less
+        # loader overhead) and the hooks split them into cov_batch_size chunks.
+        big = self.cov_batch_size * max(1, self.trainer.cfg.train.eval_batch_size // self.cov_batch_size)
+        handles = [mod.register_forward_pre_hook(make_hook(i)) for i, (_, mod) in enumerate(layers)]
+        was_training = model.training
+        model.eval()
+        try:
+            from ..engine.trainer import to_device
+
+            loader = trainer.loader(trainer.data.train_eval, batch_size=big)
+            for batch in trainer.progress(loader, desc=f"mie covariance ({m})"):
+                batch = to_device(batch, trainer.device)
+                current["present"] = batch["present"][m]
+                model.fusion.heads[m](model.encode(m, batch["inputs"][m]))
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        return [trainer.all_reduce_sum(a) for a in acc]
+
+    # -- training --------------------------------------------------------------------------
+    def _loss(self, m: str, x: Tensor, y: Tensor, mix: tuple[float, Tensor] | None) -> Tensor:
+        with self.trainer.autocast():
+            if mix is not None:
+                lam, perm = mix
+                x = lam * x + (1.0 - lam) * x[perm]
+            logits = self.model.fusion.heads[m](self.model.encode(m, x))
+        if mix is None:
+            return self.ce(logits, y)
+        lam, perm = mix
+        l_mix = lam * self.ce(logits, y) + (1.0 - lam) * self.ce(logits, y[perm])
+        return (1.0 - self.clean_weight) * l_mix + self.clean_weight * self.ce(logits, y)
+
+    def training_step(self, batch):
+        m = self.current_modality()
+        stats: dict[str, float] = {}
+        for other in self._mods:
+            self.log(f"trained/{other}", 1.0 if other == m else 0.0)
+        self.log("stage", self._stage)
+        x, y, present = batch["inputs"][m], batch["label"], batch["present"][m]
+        if not bool(present.all()):
+            x, y = x[present], y[present]
+        if x.shape[0] > 0:
+            stats["loss"] = self.sam_gm_step(m, x, y)
+        if self.inner_steps is not None:
+            self._steps_in_stage += 1
+            if self._steps_in_stage >= self.inner_steps:
+                self.end_stage(m)
+                self._stage += 1
+                self._steps_in_stage = 0
+        return stats
+
+    def sam_gm_step(self, m: str, x: Tensor, y: Tensor) -> float:
+        """One step of modality m: SAM gradient (restore theta exactly), GM, optimizer step."""
+        trainer = self.trainer
+        mix = None
+        if self.variant == "official":
+            lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
+            mix = (lam, torch.randperm(x.shape[0], device=x.device))
+        params = self._params[m]
+        trainer.zero_grad()
+        rng = _rng_state(trainer.device)
+        loss = self._loss(m, x, y, mix)
+        trainer.backward(loss)
+        self.log(f"loss/{m}", float(loss.detach()))
+        if self.sam and self.rho > 0:
+            live = [p for p in params if p.grad is not None]
+            eps, gnorm = sam_perturbation([p.grad for p in live], self.rho)
+            saved = [p.detach().clone() for p in live]
+            with torch.no_grad():
+                for p, e in zip(live, eps):
+                    p.add_(e)
+                real = math.sqrt(sum(float((p - s).double().pow(2).sum()) for p, s in zip(live, saved)))
+            trainer.zero_grad()
+            _set_rng_state(rng, trainer.device)  # same dropout mask at theta + eps
+            modules = list(self.model.encoders[m].modules()) + list(self.model.fusion.heads[m].modules())
+            with _frozen_norm_stats(modules):
+                loss_p = self._loss(m, x, y, mix)
+            trainer.backward(loss_p)
+            with torch.no_grad():
+                for p, s in zip(live, saved):
+                    p.copy_(s)
+            self.log(f"sam_grad_norm/{m}", gnorm)
+            self.log(f"sam_eps/{m}", self.rho if gnorm > 0 else 0.0)
+            self.log(f"sam_eps_real/{m}", real)
+            self.log(f"sam_loss_rise/{m}", float(loss_p.detach() - loss.detach()))
+        if self.gm:
+            self.modify_gradients(m)
+        trainer.optimizer_step()
+        return float(loss.detach())
+
+    def partner_matrices(self, m: str) -> list[Tensor | None]:
+        """T^(k) per modified layer of m (None = identity), k = the previous stage's modality."""
+        k = self.previous_modality()
+        out: list[Tensor | None] = [None] * len(self._layers[m])
+        if k is None or k == m or self._T.get(k) is None:
+            return out
+        for i, (_, mod) in enumerate(self._layers[m]):
+            if i < len(self._layers[k]) and self._layers[k][i][1].weight.shape == mod.weight.shape:
+                out[i] = self._T[k][i]
+        return out
+
+    @torch.no_grad()
+    def modify_gradients(self, m: str) -> None:
+        before = after = 0.0
+        for (_, mod), t in zip(self._layers[m], self.partner_matrices(m)):
+            g = mod.weight.grad
+            if g is None:
+                continue
+            before += float(g.double().pow(2).sum())
+            if t is not None:
+                g.copy_(modify_weight_gradient(g, t.to(g.device)))
+            after += float(g.double().pow(2).sum())
+        if before > 0:
+            self.log(f"gm_ratio/{m}", math.sqrt(after / before))
+
+    # -- evaluation ------------------------------------------------------------------------
+    def predict(self, batch) -> Output:
+        out = self.model(batch["inputs"], batch["present"])
+        present = batch["present"]
+        if all(bool(present[m].all()) for m in self._mods):
+            return out
+        mask = torch.stack([present[m].to(out.logits.device) for m in self._mods])
+        return Output(self.model.fusion.combine(out.unimodal_logits, mask), out.unimodal_logits, out.features)
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"T": {m: (None if t is None else [x.detach().cpu().clone() for x in t]) for m, t in self._T.items()},
+                "stage": self._stage, "steps_in_stage": self._steps_in_stage}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not state:
+            return
+        dev = self.trainer.device if self.trainer is not None else torch.device("cpu")
+        self._T = {m: (None if t is None else [x.to(dev) for x in t]) for m, t in state["T"].items()}
+        self._stage = int(state["stage"])
+        self._steps_in_stage = int(state["steps_in_stage"])
+
+
+def _is_pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1

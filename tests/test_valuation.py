@@ -1,0 +1,373 @@
+"""Sample-level and modality-level valuation: Shapley contributions, resampling rules, datasets."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from mmbalance.config import load_config
+from mmbalance.data.base import ArrayDataset, DataSplits
+from mmbalance.engine.trainer import Trainer
+from mmbalance.evaluation.contribution import modality_contributions, use_absent_policy
+from mmbalance.evaluation.shapley import shapley_values, subset_members
+from mmbalance.methods import create_method
+from mmbalance.methods.base import ModelSpec, build_standard_model
+from mmbalance.methods.valuation import (ResampledDataset, contribution_gap, modality_resample_rate,
+                                         normalize_gap, resample_counts)
+from mmbalance.registry import ConfigError
+
+torch.set_num_threads(1)
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def brute_force_shapley(v: torch.Tensor, M: int) -> torch.Tensor:
+    """phi (M, B) by averaging marginal contributions over all M! orderings."""
+    phi = torch.zeros(M, v.shape[1], dtype=torch.float64)
+    for order in itertools.permutations(range(M)):
+        S = 0
+        for i in order:
+            phi[i] += v[S | (1 << i)] - v[S]
+            S |= 1 << i
+    return phi / math.factorial(M)
+
+
+def tiny_model(M=3, policy="input", fusion="concat", dim=5, classes=3, seed=0):
+    torch.manual_seed(seed)
+    mods = [f"m{k}" for k in range(M)]
+    spec = ModelSpec(modalities=mods, num_classes=classes, input_shapes={m: (dim,) for m in mods},
+                     encoders={m: ("mlp", {"hidden": (8,), "dropout": 0.5, "batchnorm": True}) for m in mods},
+                     fusion=fusion, fusion_options={}, absent_policy=policy)
+    model = build_standard_model(spec)
+    model.train()
+    with torch.no_grad():  # non-trivial BatchNorm running statistics
+        for _ in range(5):
+            model({m: torch.randn(16, dim) * 2 + 1 for m in mods})
+    return model, mods
+
+
+def batch_of(mods, n=24, dim=5, classes=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"inputs": {m: torch.randn(n, dim, generator=g) for m in mods},
+            "label": torch.randint(0, classes, (n,), generator=g), "index": torch.arange(n),
+            "present": {m: torch.ones(n, dtype=torch.bool) for m in mods}}
+
+
+def naive_phi(model, batch, mods):
+    """Re-encode every subset with the full model (eval mode): absent = zero input (``input``
+    policy) or the model's own present-mask handling (``feature`` policy)."""
+    model.eval()
+    M, y = len(mods), batch["label"]
+    v = torch.zeros(2**M, len(y), dtype=torch.float64)
+    with torch.no_grad():
+        for S in range(1, 2**M):
+            keep = {mods[i] for i in subset_members(S, M)}
+            inputs = {m: (x if m in keep else torch.zeros_like(x)) for m, x in batch["inputs"].items()}
+            present = {m: torch.full_like(p, m in keep) for m, p in batch["present"].items()}
+            if model.absent_policy == "input":
+                logits = model(inputs).logits  # the encoder really runs on the zero input
+            else:
+                logits = model(batch["inputs"], present).logits
+            v[S] = len(keep) * (logits.argmax(-1) == y).double()
+    return shapley_values(v).T.float()
+
+
+def tiny_splits(M=2, n=48, dim=6, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mods = [f"m{k}" for k in range(M)]
+
+    def ds(k):
+        y = torch.randint(0, classes, (k,), generator=g)
+        # modality m0 is informative, the others weakly so
+        arrays = {m: torch.randn(k, dim, generator=g) + (2.0 if j == 0 else 0.3) * torch.nn.functional.one_hot(
+            y, dim).float() for j, m in enumerate(mods)}
+        return ArrayDataset(arrays, y)
+
+    return DataSplits(train=ds(n), val=ds(24), test=ds(24), modalities=mods, num_classes=classes,
+                      input_shapes={m: (dim,) for m in mods}, default_encoders={m: "mlp" for m in mods},
+                      encoder_options={m: {"hidden": [8]} for m in mods})
+
+
+def trainer_for(method, splits, policy="input", epochs=2, **options):
+    over = {"train.epochs": epochs, "method.name": method, "train.progress": "off", "train.probe": False,
+            "train.batch_size": 16, "model.absent_policy": policy, "train.device": "cpu"}
+    over.update({f"method.{k}": v for k, v in options.items()})
+    return Trainer(load_config(None, over), data=splits)
+
+
+# ----------------------------------------------------------------------------- Shapley
+
+
+@pytest.mark.parametrize("M", [2, 3, 4])
+def test_shapley_equals_permutation_enumeration(M):
+    g = torch.Generator().manual_seed(M)
+    v = torch.randn(2**M, 6, generator=g, dtype=torch.float64)
+    v[0] = 0.0
+    phi = shapley_values(v)
+    assert torch.allclose(phi, brute_force_shapley(v, M), atol=1e-12)
+    assert torch.allclose(phi.sum(0), v[-1], atol=1e-12)  # efficiency: sums to v(all)
+    # the correctness game: v(S) = |S| * correct(S)
+    correct = torch.randint(0, 2, (2**M, 6), generator=g).double()
+    v = torch.tensor([bin(S).count("1") for S in range(2**M)]).double()[:, None] * correct
+    assert torch.allclose(shapley_values(v), brute_force_shapley(v, M), atol=1e-12)
+
+
+@pytest.mark.parametrize("M", [2, 3, 4])
+def test_largest_single_contribution_is_half_M_plus_one(M):
+    # the game where a sample is right exactly when modality 0 is present: phi_0 = (M+1)/2,
+    # which is the unit Norm(d) divides by
+    v = torch.tensor([[bin(S).count("1") * float(S & 1)] for S in range(2**M)], dtype=torch.float64)
+    assert float(shapley_values(v)[0, 0]) == pytest.approx((M + 1) / 2)
+
+
+@pytest.mark.parametrize("policy", ["input", "feature"])
+@pytest.mark.parametrize("M", [2, 3])
+def test_head_only_contributions_equal_naive_reencoding(policy, M):
+    model, mods = tiny_model(M, policy)
+    batch = batch_of(mods)
+    # two batches through a loader-like list: the absent features are computed once per pass
+    halves = [{k: ({m: t[:12] for m, t in v.items()} if isinstance(v, dict) else v[:12]) for k, v in batch.items()},
+              {k: ({m: t[12:] for m, t in v.items()} if isinstance(v, dict) else v[12:]) for k, v in batch.items()}]
+    model.train()
+    phi, index = modality_contributions(model, halves, return_index=True)
+    assert model.training  # mode restored
+    assert torch.equal(index, batch["index"])
+    expected = naive_phi(model, batch, mods)
+    assert torch.allclose(phi, expected, atol=1e-6)
+    # sums to v(all) = M * 1[full model correct]
+    full = (model(batch["inputs"]).logits.argmax(-1) == batch["label"]).float() * M
+    assert torch.allclose(phi.sum(1), full, atol=1e-6)
+    if M == 2:
+        assert set(phi.flatten().tolist()) <= {-0.5, 0.0, 0.5, 1.0, 1.5}
+    if policy == "input":  # meaningful: BN/bias make the encoder's zero-input output non-zero
+        z = model.absent_feature(mods[0], torch.zeros(1, 8))
+        assert z.abs().sum() > 0
+
+
+def test_absent_policy_override_is_temporary_and_changes_the_substitute():
+    model, mods = tiny_model(2, "input")
+    batch = batch_of(mods, n=60)
+    with use_absent_policy(model, "feature"):
+        assert model.absent_policy == "feature"
+        expected = naive_phi(model, batch, mods)
+    assert model.absent_policy == "input"
+    phi = modality_contributions(model, [batch], absent_policy="feature")
+    assert model.absent_policy == "input"
+    assert torch.allclose(phi, expected, atol=1e-6)
+    with pytest.raises(ConfigError):
+        modality_contributions(model, [batch], absent_policy="zeros")
+
+
+def test_missing_modality_in_data_is_absent_in_every_subset():
+    model, mods = tiny_model(2, "feature")
+    batch = batch_of(mods, n=30)
+    batch["present"]["m1"][:10] = False
+    phi = modality_contributions(model, [batch])
+    # naive: the subset's mask AND the data's mask, through the full model (feature policy)
+    b2 = {**batch, "present": {m: p.clone() for m, p in batch["present"].items()}}
+    model.eval()
+    y = batch["label"]
+    v = torch.zeros(4, 30, dtype=torch.float64)
+    with torch.no_grad():
+        for S in range(1, 4):
+            pres = {m: (torch.ones(30, dtype=torch.bool) if S >> i & 1 else torch.zeros(30, dtype=torch.bool))
+                    & b2["present"][m] for i, m in enumerate(mods)}
+            v[S] = bin(S).count("1") * (model(batch["inputs"], pres).logits.argmax(-1) == y).double()
+    assert torch.allclose(phi, shapley_values(v).T.float(), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- sample level
+
+
+PHIS = torch.tensor([-0.5, 0.0, 0.5, 1.0, 1.5])
+
+
+@pytest.mark.parametrize("f_s,expected", [
+    ("double", [3, 2, 1, 0, 0]),     # round(2x): the paper / public code
+    ("official", [3, 2, 1, 0, 0]),   # the public code's thresholds
+    ("identity", [2, 1, 1, 0, 0]),   # round(x), ties up: x = 0.5 -> 1, x = 1.5 -> 2
+    ("square", [2, 1, 0, 0, 0]),     # round(x^2): 2.25, 1, 0.25
+])
+def test_resample_counts_follow_f_s(f_s, expected):
+    assert resample_counts(PHIS, f_s).tolist() == expected
+    assert resample_counts(PHIS.view(5, 1).expand(5, 3), f_s)[:, 2].tolist() == expected  # any shape
+
+
+def test_resample_count_boundaries():
+    phi = torch.tensor([0.75, 0.75 + 1e-7, 0.75 - 1e-7, 0.25, 1 - 1e-8, 0.9, 2.0, -1.0])
+    # ties round up; float noise does not move a value across a boundary; phi ~ 1 -> no copy
+    assert resample_counts(phi, "double").tolist() == [1, 1, 1, 2, 0, 0, 0, 4]
+    # the public code gives one copy for every 0.4 < phi < 1 and caps at 3
+    assert resample_counts(phi, "official").tolist() == [1, 1, 1, 2, 0, 1, 0, 3]
+    with pytest.raises(ConfigError):
+        resample_counts(phi, "cube")
+
+
+def test_resampled_dataset_copies_carry_only_their_modality():
+    mods = ["a", "b", "c"]
+    base = ArrayDataset({m: torch.randn(5, 4) + 1 for m in mods}, torch.arange(5) % 2)
+    before = {m: base.arrays[m].clone() for m in mods}
+    ds = ResampledDataset(base, mods, copy_index=torch.tensor([3, 3, 0]), copy_modality=torch.tensor([1, 2, 0]))
+    assert len(ds) == 5 + 3
+    assert ds.copies_per_modality() == {"a": 1, "b": 1, "c": 1}
+    for k in range(5):  # originals untouched
+        item = ds[k]
+        assert all(bool(item["present"][m]) for m in mods)
+        assert all(torch.equal(item["inputs"][m], before[m][k]) for m in mods)
+    for pos, (src, m_keep) in zip(range(5, 8), [(3, "b"), (3, "c"), (0, "a")]):
+        item = ds[pos]
+        assert int(item["index"]) == src and int(item["label"]) == int(base.labels[src])
+        for m in mods:
+            assert bool(item["present"][m]) == (m == m_keep)
+            expect = before[m][src] if m == m_keep else torch.zeros(4)
+            assert torch.equal(item["inputs"][m], expect)
+    assert all(torch.equal(base.arrays[m], before[m]) for m in mods)  # base never modified
+
+
+def test_sample_valuation_epoch_set_is_originals_plus_copies():
+    splits = tiny_splits(M=3)
+    tr = trainer_for("sample_valuation", splits, warmup_epochs=1)
+    method, N = tr.method, len(splits.train)
+    method.on_epoch_start(0)  # warm-up: the base split itself
+    assert method.train_dataset(0, splits.train) is splits.train
+    method.on_epoch_start(1)
+    ds = method.train_dataset(1, splits.train)
+    phi = modality_contributions(tr.model, tr.loader(splits.train_eval))
+    counts = resample_counts(phi, "double")
+    assert len(ds) == N + int(counts.sum())
+    assert ds.copies_per_modality() == {m: int(counts[:, k].sum()) for k, m in enumerate(tr.model.modalities)}
+    diag = method.epoch_diagnostics()
+    assert diag["copies_total"] == counts.sum()
+    assert diag["phi_mean/m0"] == pytest.approx(float(phi[:, 0].mean()), abs=1e-6)
+    # per sample: copies of sample i for modality m == counts[i, m]
+    got = torch.zeros_like(counts)
+    for src, m in zip(ds.copy_index.tolist(), ds.copy_modality.tolist()):
+        got[src, m] += 1
+    assert torch.equal(got, counts)
+
+
+def test_sample_valuation_fit_records_train_size_and_diagnostics():
+    splits = tiny_splits(M=2)
+    tr = trainer_for("sample_valuation", splits, epochs=3, warmup_epochs=1, f_s="identity")
+    records = []
+    tr._log_epoch = lambda record, improved: records.append(record)
+    res = tr.fit()
+    assert 0.0 <= res["test"]["accuracy"] <= 1.0
+    assert records[0]["train_size"] == 48 and records[0]["diagnostics"] == {}
+    for r in records[1:]:
+        d = r["diagnostics"]
+        assert r["train_size"] == 48 + d["copies_total"] == 48 + d["copies/m0"] + d["copies/m1"]
+        assert {"phi_mean/m0", "phi_mean/m1", "fused_correct"} <= set(d)
+
+
+# ----------------------------------------------------------------------------- modality level
+
+
+def test_modality_rate_equals_official_formula_for_two_modalities():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # phi of random correctness games, as in a real valuation
+        correct = torch.randint(0, 2, (4, 50), generator=g).double()
+        v = torch.tensor([0.0, 1, 1, 2])[:, None] * correct
+        phi_mean = shapley_values(v).T.mean(0)
+        gap = 1 - phi_mean
+        official = (2 / 3) * abs(float(gap[0] - gap[1]))
+        i, p = modality_resample_rate(phi_mean)
+        assert i == int(torch.argmin(phi_mean)) and p == pytest.approx(official, abs=1e-12)
+        assert modality_resample_rate(phi_mean, "tanh")[1] == pytest.approx(math.tanh(official), abs=1e-12)
+        assert modality_resample_rate(phi_mean, "power")[1] == pytest.approx(official ** 1.5, abs=1e-12)
+    assert modality_resample_rate(torch.tensor([0.2, 1.0]), fixed_rate=0.3) == (0, 0.3)
+
+
+def test_modality_gap_for_three_modalities_by_hand():
+    i, d = contribution_gap(torch.tensor([1.2, 0.3, 0.9], dtype=torch.float64))
+    assert i == 1 and float(d) == pytest.approx(((1.2 - 0.3) + (0.9 - 0.3)) / 2)
+    assert float(normalize_gap(d, 3)) == pytest.approx(0.75 / 2)
+    assert modality_resample_rate(torch.tensor([3.0, -1.0]))[1] == 1.0  # clamped to [0, 1]
+    with pytest.raises(ConfigError):
+        contribution_gap(torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("strategy", ["resample", "modality_drop", "data_mask"])
+def test_modality_valuation_strategies(strategy):
+    splits = tiny_splits(M=3)
+    tr = trainer_for("modality_valuation", splits, warmup_epochs=0, strategy=strategy, fixed_rate=0.5,
+                     subset_ratio=0.25)
+    method, N = tr.method, len(splits.train)
+    seen = []
+    value = method._contributions
+    method._contributions = lambda positions=None: (seen.append(positions), value(positions))[1]
+    method.on_epoch_start(0)
+    assert len(seen[0]) == 12 and len(set(seen[0].tolist())) == 12  # only a 25% subset is valued
+    ds = method.train_dataset(0, splits.train)
+    diag = method.epoch_diagnostics()
+    assert diag["p"] == 0.5
+    weak = [m for m in tr.model.modalities if diag[f"weakest/{m}"] == 1.0]
+    assert len(weak) == 1
+    w = weak[0]
+    items = [ds[k] for k in range(len(ds))]
+    if strategy == "resample":
+        n = int(diag[f"copies/{w}"])
+        assert len(ds) == N + n and 0 < n < N
+        for it in items[N:]:
+            assert [m for m in tr.model.modalities if bool(it["present"][m])] == [w]
+    elif strategy == "modality_drop":
+        assert len(ds) == N
+        dropped = [it for it in items if not all(bool(p) for p in it["present"].values())]
+        assert len(dropped) == diag["dropped"] > 0
+        for it in dropped:
+            assert [m for m in tr.model.modalities if bool(it["present"][m])] == [w]
+    else:
+        assert len(ds) == N
+        mods = tr.model.modalities
+        wi = mods.index(w)
+        rows = ds.mask.any(1)
+        assert int(rows.sum()) == diag["masked"] > 0
+        assert not ds.mask[:, wi].any() and ds.mask[rows].sum(1).eq(len(mods) - 1).all()  # all dominant ones
+        zeros, total = 0, 0
+        for k, it in enumerate(items):
+            for j, m in enumerate(mods):
+                orig = splits.train.arrays[m][k]
+                if ds.mask[k, j]:
+                    dropped = it["inputs"][m] != orig
+                    assert (it["inputs"][m][dropped] == 0).all()  # only zeroing, nothing else
+                    zeros, total = zeros + int(dropped.sum()), total + orig.numel()
+                else:
+                    assert torch.equal(it["inputs"][m], orig)
+        assert 0.3 < zeros / total < 0.7  # mask_ratio 0.5
+    # the same epoch gives the same plan (resume-safe)
+    method.on_epoch_start(0)
+    again = method.train_dataset(0, splits.train)
+    assert len(again) == len(ds)
+    assert all(torch.equal(again[k]["inputs"][m], items[k]["inputs"][m]) for k in range(len(ds))
+               for m in tr.model.modalities)
+
+
+def test_modality_valuation_fixed_rate_extremes_and_fit():
+    splits = tiny_splits(M=2)
+    tr = trainer_for("modality_valuation", splits, warmup_epochs=0, fixed_rate=1.0)
+    tr.method.on_epoch_start(0)
+    assert len(tr.method.train_dataset(0, splits.train)) == 2 * 48
+    tr = trainer_for("modality_valuation", splits, policy="feature", epochs=2, warmup_epochs=1, f_m="tanh")
+    records = []
+    tr._log_epoch = lambda record, improved: records.append(record)
+    tr.fit()
+    d = records[1]["diagnostics"]
+    assert records[1]["train_size"] == 48 + d["copies/m0"] + d["copies/m1"]
+    assert 0.0 <= d["p"] <= 1.0 and {"phi_mean/m0", "phi_mean/m1", "gap"} <= set(d)
+
+
+def test_options_are_validated():
+    for bad in [dict(f_s="cube")]:
+        with pytest.raises(ConfigError):
+            create_method("sample_valuation", **bad)
+    for bad in [dict(strategy="mixup"), dict(f_m="relu"), dict(subset_ratio=0.0), dict(fixed_rate=1.5),
+                dict(absent_policy="zeros")]:
+        with pytest.raises(ConfigError):
+            create_method("modality_valuation", **bad)
+    m = create_method("modality_valuation", fixed_rate=0.2)
+    assert m.hparams() == {"warmup_epochs": 5, "subset_ratio": 0.2, "f_m": "identity", "strategy": "resample",
+                           "fixed_rate": 0.2, "mask_ratio": 0.5, "absent_policy": None}
+    with pytest.raises(ConfigError):
+        m.modalities(["only"])
