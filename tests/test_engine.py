@@ -47,7 +47,8 @@ def test_same_seed_same_results_and_contract(tmp_path):
     assert metrics_only(ra) == metrics_only(rb)
     # metrics.jsonl: one line per epoch with validation and per-modality metrics
     lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in lines] == [0, 1, 2, 3]
+    assert [x["epoch"] for x in lines] == [1, 2, 3, 4]  # 1-based, like best_epoch
+    assert 1 <= ra["best_epoch"] <= 4
     assert set(lines[0]["val"]["per_modality"]) == {"pix", "fou"}
     for f in ("config.yaml", "train.log", "best.pt", "last.pt"):
         assert (tmp_path / "a" / f).exists()

@@ -85,7 +85,7 @@ def format_results_table(results: dict[str, Any], splits: Sequence[str] = ("test
 def _summary_line(results: dict[str, Any]) -> str:
     return (f"{results['method']} + {results['fusion']} on {results['dataset']} "
             f"({', '.join(results['modalities'])}), seed {results['seed']}: best epoch "
-            f"{results['best_epoch'] + 1}/{results['epochs']} (selected on validation), "
+            f"{results['best_epoch']}/{results['epochs']} (selected on validation), "
             f"{results['train_seconds']:.1f} s training")
 
 
@@ -185,6 +185,18 @@ def cmd_preprocess(args: argparse.Namespace, rest: Sequence[str]) -> int:
     return preprocess.run(args)
 
 
+def cmd_build_data(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    if rest:
+        raise ConfigError(f"unexpected arguments: {' '.join(rest)}")
+    from .data.av_digits import build_av_digits
+
+    folder = build_av_digits(root=args.root, size=args.size, noise=args.noise, image_size=args.image_size,
+                             image_noise=args.image_noise, data_seed=args.data_seed, workers=args.workers,
+                             force=args.force)
+    print(f"av_digits ready in {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmbalance", description="Imbalanced multimodal learning toolkit.")
     p.add_argument("--version", action="version", version=f"mmbalance {__import__('mmbalance').__version__}")
@@ -221,6 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list methods, fusions, encoders, datasets")
     ls.add_argument("what", nargs="?", choices=["methods", "fusions", "encoders", "datasets"])
     ls.set_defaults(func=cmd_list)
+
+    b = sub.add_parser("build-data", help="generate the av_digits dataset ahead of training (else built on first use)")
+    b.add_argument("dataset", choices=["av_digits"])
+    b.add_argument("--root", help="cache folder (default: $MMBALANCE_CACHE or ~/.cache/mmbalance)")
+    b.add_argument("--size", type=int, default=3000, help="number of samples (default 3000)")
+    b.add_argument("--noise", type=float, default=1.0, help="audio noise level (higher = weaker audio)")
+    b.add_argument("--image-size", dest="image_size", type=int, default=7,
+                   help="detail kept in the digit images (lower = weaker visual)")
+    b.add_argument("--image-noise", dest="image_noise", type=float, default=0.5)
+    b.add_argument("--data-seed", dest="data_seed", type=int, default=0)
+    b.add_argument("--workers", type=int, help="parallel eSpeak processes")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.set_defaults(func=cmd_build_data)
 
     try:
         from .data import preprocess

@@ -256,7 +256,7 @@ class Trainer:
         mpath = self.run_dir / "metrics.jsonl"
         if mpath.exists():  # drop epochs recorded after the checkpoint (killed in between)
             lines = [ln for ln in mpath.read_text().splitlines()
-                     if ln.strip() and json.loads(ln)["epoch"] < self.start_epoch]
+                     if ln.strip() and json.loads(ln)["epoch"] <= self.start_epoch]
             mpath.write_text("".join(ln + "\n" for ln in lines))
         log.info("resuming %s at epoch %d", self.run_dir, self.start_epoch + 1)
 
@@ -289,8 +289,10 @@ class Trainer:
             seed_everything(epoch_seed(tc.seed, epoch))
             self.method.on_epoch_start(epoch)
             dataset = self.method.train_dataset(epoch, self.data.train)
+            # a trailing batch of one sample breaks BatchNorm in training mode: drop it
+            drop_last = tc.drop_last or len(dataset) % tc.batch_size == 1
             loader = self.loader(dataset, shuffle=True, batch_size=tc.batch_size,
-                                 seed=epoch_seed(tc.seed, epoch), drop_last=tc.drop_last)
+                                 seed=epoch_seed(tc.seed, epoch), drop_last=drop_last)
             self.model.train()
             sums: dict[str, float] = {}
             n = 0
@@ -312,7 +314,7 @@ class Trainer:
             improved = value > self.best_value
             if improved:
                 self.best_value, self.best_epoch = value, epoch
-            record = {"epoch": epoch, "lr": lr, "train": {k: v / max(n, 1) for k, v in sums.items()},
+            record = {"epoch": epoch + 1, "lr": lr, "train": {k: v / max(n, 1) for k, v in sums.items()},
                       "train_size": len(dataset), "val": val, "diagnostics": diagnostics,
                       "seconds": round(time.perf_counter() - t0, 4)}
             self._log_epoch(record, improved)
@@ -337,7 +339,7 @@ class Trainer:
         tr = " ".join(f"{k} {v:.4f}" for k, v in record["train"].items())
         val = record["val"]
         per = " ".join(f"{m} {v['accuracy']:.3f}" for m, v in val["per_modality"].items())
-        log.info("epoch %d/%d %s | val acc %.4f f1 %.4f (%s)%s", record["epoch"] + 1, self.cfg.train.epochs, tr,
+        log.info("epoch %d/%d %s | val acc %.4f f1 %.4f (%s)%s", record["epoch"], self.cfg.train.epochs, tr,
                  val["accuracy"], val["macro_f1"], per, " *" if improved else "")
 
     # ------------------------------------------------------------------ evaluation
@@ -370,7 +372,7 @@ class Trainer:
         return {
             "method": self.cfg.method.name, "dataset": dataset_label(self.cfg, self.data),
             "fusion": fusion_name(self.model), "seed": self.cfg.train.seed, "modalities": self.modalities,
-            "num_classes": self.data.num_classes, "best_epoch": self.best_epoch, "epochs": self.cfg.train.epochs,
+            "num_classes": self.data.num_classes, "best_epoch": self.best_epoch + 1, "epochs": self.cfg.train.epochs,
             "train_seconds": round(self.train_seconds, 3), "device": str(self.device),
             "val": val, "test": test, "method_options": _jsonable(self.method.hparams()),
             "versions": {"mmbalance": __version__, "torch": torch.__version__},
