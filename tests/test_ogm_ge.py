@@ -140,18 +140,3 @@ def test_bad_scope_is_a_config_error():
     with pytest.raises(ConfigError):
         create_method("ogm_ge", scope="everything")
 
-
-def test_resume_equals_uninterrupted(tmp_path):
-    import json
-
-    from mmbalance.cli import main
-
-    common = ["-q", "train", "--method", "ogm_ge", "--epochs", "3", "--train.progress", "off",
-              "--train.probe", "false", "--train.eval_batch_size", "512"]
-    assert main([*common, "--output-dir", str(tmp_path / "full")]) == 0
-    assert main([*common, "--output-dir", str(tmp_path / "part"), "--train.stop_after_epochs", "2"]) == 0
-    assert main(["-q", "train", "--resume", str(tmp_path / "part"), "--train.progress", "off"]) == 0
-    lines = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]
-             for k in ("full", "part")}
-    assert [x["val"] for x in lines["full"]] == [x["val"] for x in lines["part"]]
-    assert [x["diagnostics"] for x in lines["full"]] == [x["diagnostics"] for x in lines["part"]]

@@ -116,18 +116,3 @@ def test_training_runs_and_resume_state_three_modalities():
     assert st["prototypes"]["pix"].shape == (tr.data.num_classes, tr.model.feature_dim("pix"))
     Trainer(_cfg(**{"model.fusion": "gated"})).fit()
 
-
-def test_resume_equals_uninterrupted(tmp_path):
-    import json
-
-    from mmbalance.cli import main
-
-    common = ["-q", "train", "--method", "pmr", "--epochs", "3", "--train.progress", "off",
-              "--train.probe", "false", "--train.eval_batch_size", "512"]
-    assert main([*common, "--output-dir", str(tmp_path / "full")]) == 0
-    assert main([*common, "--output-dir", str(tmp_path / "part"), "--train.stop_after_epochs", "2"]) == 0
-    assert main(["-q", "train", "--resume", str(tmp_path / "part"), "--train.progress", "off"]) == 0
-    lines = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]
-             for k in ("full", "part")}
-    assert [x["val"] for x in lines["full"]] == [x["val"] for x in lines["part"]]
-    assert [x["diagnostics"] for x in lines["full"]] == [x["diagnostics"] for x in lines["part"]]

@@ -153,9 +153,6 @@ class AGM(Method):
         if self.score_mean is None:
             self.score_mean = torch.zeros(M, device=trainer.device)
 
-    def in_window(self, epoch: int) -> bool:
-        return self.modulation_start <= epoch and (self.modulation_end is None or epoch <= self.modulation_end)
-
     def _clip_if_large_fusion_grad(self) -> None:
         if self.fusion_grad_clip is None:
             return

@@ -130,6 +130,12 @@ class Method:
         pass
 
     # -- shared helpers --------------------------------------------------------------------
+    def in_window(self, epoch: int) -> bool:
+        """True when 0-based ``epoch`` lies in ``[modulation_start, modulation_end]`` (inclusive;
+        an end of None = until the end), for methods that define those hyperparameters."""
+        end = getattr(self, "modulation_end", None)
+        return getattr(self, "modulation_start", 0) <= epoch and (end is None or epoch <= end)
+
     @staticmethod
     def ce(logits: Tensor, labels: Tensor) -> Tensor:
         return F.cross_entropy(logits.float(), labels)

@@ -134,9 +134,6 @@ class OGMGE(Method):
             raise ConfigError("ogm_ge needs at least two modalities")
         self._params = {m: select_parameters(self.model.encoders[m], self.scope) for m in self.model.modalities}
 
-    def in_window(self, epoch: int) -> bool:
-        return self.modulation_start <= epoch <= self.modulation_end
-
     def training_step(self, batch):
         tr = self.trainer
         mods = self.model.modalities

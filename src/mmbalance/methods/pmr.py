@@ -159,9 +159,6 @@ class PMR(Method):
     def on_epoch_start(self, epoch):
         self.compute_prototypes(epoch)
 
-    def in_window(self, epoch: int) -> bool:
-        return self.modulation_start <= epoch <= self.modulation_end
-
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch):
         tr = self.trainer

@@ -117,31 +117,33 @@ def load_weights(trunk: nn.Module, path: str) -> None:
         raise ConfigError(f"encoder weights {path} do not fit this ResNet-18 (check width/in_channels): {first}") from None
 
 
-class ResNet18Audio(nn.Module):
-    """ResNet-18 over a spectrogram ``(B, C, F, T)``, global average pooled to ``(B, out_dim)``."""
+class _ResNet18Encoder(nn.Module):
+    """A ResNet-18 trunk with the field's initialisation and optional local weights."""
 
-    def __init__(self, in_channels: int = 1, width: int = 64, weights: str | None = None):
+    def __init__(self, in_channels: int, width: int = 64, weights: str | None = None):
         super().__init__()
         self.trunk = ResNet18Trunk(in_channels, width)
         self.apply(weight_init)
         if weights:
             load_weights(self.trunk, weights)
         self.out_dim = self.trunk.out_channels
+
+
+class ResNet18Audio(_ResNet18Encoder):
+    """ResNet-18 over a spectrogram ``(B, C, F, T)``, global average pooled to ``(B, out_dim)``."""
+
+    def __init__(self, in_channels: int = 1, width: int = 64, weights: str | None = None):
+        super().__init__(in_channels, width, weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(self.trunk(x), 1), 1)
 
 
-class ResNet18Visual(nn.Module):
+class ResNet18Visual(_ResNet18Encoder):
     """2D ResNet-18 on each frame of ``(B, C, T, H, W)``, mean-pooled over time and space."""
 
     def __init__(self, in_channels: int = 3, width: int = 64, weights: str | None = None):
-        super().__init__()
-        self.trunk = ResNet18Trunk(in_channels, width)
-        self.apply(weight_init)
-        if weights:
-            load_weights(self.trunk, weights)
-        self.out_dim = self.trunk.out_channels
+        super().__init__(in_channels, width, weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:  # a single image per sample
