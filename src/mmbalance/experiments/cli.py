@@ -28,6 +28,10 @@ def run(args: argparse.Namespace, rest) -> int:
     specs = [RunSpec.parse(s) for s in args.runs]
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     summary = run_experiment(specs, seeds, args.output_dir, args.config, overrides, jobs=args.jobs)
+    import shlex
+
+    argv = [a for a in getattr(args, "argv", []) if a not in ("-q", "--quiet")]
+    (Path(args.output_dir) / "command.txt").write_text("mmbalance " + " ".join(shlex.quote(a) for a in argv) + "\n")
     print(format_summary(summary))
     if args.plot:
         plot_summary(summary, Path(args.output_dir) / "summary.png")
