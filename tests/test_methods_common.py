@@ -1,5 +1,6 @@
 """What every registered method must do on the engine: run from the CLI, write the results
-contract with its diagnostics, and resume exactly (stopped after 2 of 3 epochs, continued)."""
+contract with its diagnostics, resume exactly (stopped after 2 of 3 epochs, continued), and
+be re-evaluated by `mmbalance evaluate` to the same numbers."""
 import json
 
 import pytest
@@ -36,6 +37,10 @@ def test_resume_equals_uninterrupted_and_contract(tmp_path, method):
         assert 0.0 <= pm["accuracy"] <= 1.0
     if method not in ("joint", "unimodal"):
         assert lines["full"][-1]["diagnostics"], f"{method} logs no diagnostics"
+    # evaluate re-creates the method's prediction rule from the saved run: same numbers
+    assert main(["-q", "evaluate", "--run", str(tmp_path / "full"), "--train.progress", "off"]) == 0
+    again = json.loads((tmp_path / "full" / "evaluation.json").read_text())
+    assert again["test"] == full["test"] and again["val"] == full["val"]
 
 
 @pytest.mark.parametrize("method", list_methods())
