@@ -1,7 +1,6 @@
 """Engine behaviour: seeding, resume, evaluate, results contract, CLI."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -111,7 +111,6 @@ def test_training_step_mlp_and_curation():
     assert list(tr.model.mmtm) == ["hidden1", "hidden2"]
     loader = tr.loader(tr.data.train, shuffle=True, batch_size=8)
     tr.model.train()
-    fracs = []
     for batch in loader:
         m.training_step(to_device(batch, tr.device))
     diag = m.epoch_diagnostics()

@@ -26,7 +26,6 @@ re-splits all clips by actor (the actor id is the first field of the clip name,
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence

@@ -130,6 +130,29 @@ class Method:
         pass
 
     # -- shared helpers --------------------------------------------------------------------
+    @torch.no_grad()
+    def unimodal_validation(self, per_sample) -> dict[str, float]:
+        """Mean over the *validation* split (never test) of ``per_sample(z_m, y) -> (B,)`` for each
+        modality's unimodal logits from :meth:`predict`, over samples where the modality is
+        present; sums are all-reduced. The model is left in train mode."""
+        from ..engine.trainer import to_device
+
+        tr = self.trainer
+        mods = self.model.modalities
+        self.model.eval()
+        sums = torch.zeros(len(mods), 2, dtype=torch.float64, device=tr.device)
+        for batch in tr.loader(tr.data.val):
+            batch = to_device(batch, tr.device)
+            with tr.autocast():
+                out = self.predict(batch)
+            for i, m in enumerate(mods):
+                p = batch["present"][m]
+                sums[i, 0] += per_sample(out.unimodal_logits[m].float(), batch["label"])[p].double().sum()
+                sums[i, 1] += p.sum()
+        sums = tr.all_reduce_sum(sums)
+        self.model.train()
+        return {m: float(sums[i, 0] / sums[i, 1].clamp(min=1)) for i, m in enumerate(mods)}
+
     def in_window(self, epoch: int) -> bool:
         """True when 0-based ``epoch`` lies in ``[modulation_start, modulation_end]`` (inclusive;
         an end of None = until the end), for methods that define those hyperparameters."""

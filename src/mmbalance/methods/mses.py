@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-import torch
 import torch.nn.functional as F
 
 from ..registry import ConfigError
@@ -87,27 +86,9 @@ class MSES(Method):
         return {"loss": float(loss.detach())}
 
     # ------------------------------------------------------------------ validation loss
-    @torch.no_grad()
     def unimodal_val_loss(self) -> dict[str, float]:
         """Mean CE of each modality's unimodal logits on the validation split (present samples)."""
-        from ..engine.trainer import to_device
-
-        tr = self.trainer
-        mods = self.model.modalities
-        self.model.eval()
-        sums = torch.zeros(len(mods), 2, dtype=torch.float64, device=tr.device)
-        for batch in tr.loader(tr.data.val):
-            batch = to_device(batch, tr.device)
-            with tr.autocast():
-                out = self.predict(batch)
-            for i, m in enumerate(mods):
-                p = batch["present"][m]
-                ce = F.cross_entropy(out.unimodal_logits[m].float(), batch["label"], reduction="none")
-                sums[i, 0] += ce[p].sum()
-                sums[i, 1] += p.sum()
-        sums = tr.all_reduce_sum(sums)
-        self.model.train()
-        return {m: float(sums[i, 0] / sums[i, 1].clamp(min=1)) for i, m in enumerate(mods)}
+        return self.unimodal_validation(lambda z, y: F.cross_entropy(z, y, reduction="none"))
 
     def on_epoch_end(self, epoch: int) -> None:
         losses = self.unimodal_val_loss()

@@ -170,28 +170,10 @@ class MSLR(Method):
         return {"loss": float(loss.detach())}
 
     # ------------------------------------------------------------------ validation accuracy
-    @torch.no_grad()
     def unimodal_val_accuracy(self) -> dict[str, float]:
         """Accuracy of each modality's unimodal logits on the validation split (model selection
         data; never the test split)."""
-        from ..engine.trainer import to_device
-
-        tr = self.trainer
-        mods = self.model.modalities
-        self.model.eval()
-        counts = torch.zeros(len(mods), 2, dtype=torch.float64, device=tr.device)
-        for batch in tr.loader(tr.data.val):
-            batch = to_device(batch, tr.device)
-            with tr.autocast():
-                out = self.predict(batch)
-            y = batch["label"]
-            for i, m in enumerate(mods):
-                p = batch["present"][m]
-                counts[i, 0] += (out.unimodal_logits[m].argmax(1) == y)[p].sum()
-                counts[i, 1] += p.sum()
-        counts = tr.all_reduce_sum(counts)
-        self.model.train()
-        return {m: float(counts[i, 0] / counts[i, 1].clamp(min=1)) for i, m in enumerate(mods)}
+        return self.unimodal_validation(lambda z, y: (z.argmax(1) == y).double())
 
     def on_epoch_end(self, epoch: int) -> None:
         if self.strategy != "dynamic":
