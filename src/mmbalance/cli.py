@@ -101,6 +101,11 @@ def cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
             overrides[key] = v
     if args.deterministic:
         overrides["train.deterministic"] = True
+    from .engine import distributed as dist_utils
+
+    dist_utils.init_from_env(str(overrides.get("train.device", "auto")))
+    if dist_utils.rank() != 0:
+        logging.getLogger("mmbalance").setLevel(logging.WARNING)
     if args.resume:
         run_dir = Path(args.resume)
         cfg = load_run_config(run_dir)
@@ -112,14 +117,20 @@ def cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
         cfg = load_config(None, overrides, base=cfg)
     else:
         cfg = load_config(args.config, overrides)
-        run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg)
+        run_dir = dist_utils.broadcast_object(Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg))
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
     log = logging.getLogger("mmbalance")
     log.info("run folder: %s", run_dir)
-    results = trainer.fit()
+    rank = dist_utils.rank()
+    try:
+        results = trainer.fit()
+    finally:
+        dist_utils.shutdown()
+    if rank != 0:
+        return 0
     if results is None:
         print(f"stopped after train.stop_after_epochs; continue with: mmbalance train --resume {run_dir}")
         return 0

@@ -11,6 +11,7 @@ uninterrupted run does from ``e`` on.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() on the loader eagerly (a second DataLoader iterator per epoch)
 
 from .. import __version__
 from ..config import RunConfig, dump_yaml, from_dict
@@ -33,6 +34,7 @@ from ..evaluation.probe import probe_accuracy
 from ..methods import Method, ModelSpec, create_method
 from ..models import FUSIONS, MultimodalModel
 from ..registry import ConfigError
+from . import distributed as dist_utils
 from .checkpoint import load_checkpoint, save_checkpoint, write_json
 from .optim import build_optimizer, build_scheduler
 from .seed import epoch_seed, seed_everything, set_deterministic, worker_init_fn
@@ -95,11 +97,16 @@ class Trainer:
         if tc.select_metric not in ("accuracy", "macro_f1", "map"):
             raise ConfigError("train.select_metric must be accuracy, macro_f1 or map")
         self.device = resolve_device(tc.device)
+        if dist_utils.is_distributed() and self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if tc.batch_size % self.world_size:
+            raise ConfigError(f"train.batch_size {tc.batch_size} (the global batch) must be divisible by the "
+                              f"number of processes ({self.world_size})")
         if tc.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError("train.precision must be auto, fp32 or bf16")
         self.amp_dtype = torch.bfloat16 if (tc.precision == "bf16" or (
             tc.precision == "auto" and self.device.type == "cuda")) else None
-        self.show_progress = {"on": True, "off": False}.get(tc.progress, sys.stderr.isatty())
+        self.show_progress = {"on": True, "off": False}.get(tc.progress, sys.stderr.isatty()) and self.rank == 0
         set_deterministic(tc.deterministic)
         seed_everything(tc.seed)
 
@@ -145,11 +152,18 @@ class Trainer:
                          absent_policy=mc.absent_policy)
 
     def loader(self, dataset: Dataset, shuffle: bool = False, batch_size: int | None = None,
-               seed: int | None = None, drop_last: bool = False) -> DataLoader:
+               seed: int | None = None, drop_last: bool = False, shard: bool = False) -> DataLoader:
+        """A DataLoader over ``dataset``. ``shard=True`` (the training loader) gives this rank its
+        share of the shuffle when several processes train; ``batch_size`` is then global."""
         g = torch.Generator()
         g.manual_seed(seed if seed is not None else self.cfg.train.seed)
         nw = self.cfg.train.num_workers
-        return DataLoader(dataset, batch_size=batch_size or self.cfg.train.eval_batch_size, shuffle=shuffle,
+        bs = batch_size or self.cfg.train.eval_batch_size
+        sampler = None
+        if shard and self.world_size > 1:
+            sampler = dist_utils.ShardedSampler(len(dataset), int(g.initial_seed()), self.rank, self.world_size)
+            bs, shuffle = bs // self.world_size, False
+        return DataLoader(dataset, batch_size=bs, shuffle=shuffle, sampler=sampler,
                           generator=g, num_workers=nw, worker_init_fn=worker_init_fn if nw else None,
                           drop_last=drop_last, pin_memory=self.device.type == "cuda",
                           persistent_workers=False)
@@ -170,8 +184,11 @@ class Trainer:
                 "lower optim.lr or set optim.grad_clip")
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """Backward; with several processes the gradients are then averaged over ranks, so
+        whatever a method does to them next acts on the global-batch gradient."""
         self.check_finite(loss)
         loss.backward(**kwargs)
+        dist_utils.average_gradients(self.model.parameters())
 
     def clip_gradients(self) -> float | None:
         if self.cfg.optim.grad_clip is None:
@@ -181,6 +198,7 @@ class Trainer:
     def optimizer_step(self) -> None:
         self.clip_gradients()
         self.optimizer.step()
+        dist_utils.broadcast_buffers(self.model)
 
     def step(self, loss: torch.Tensor) -> None:
         """zero grads, backward, clip, optimizer step."""
@@ -190,13 +208,16 @@ class Trainer:
 
     @property
     def world_size(self) -> int:
-        dist = torch.distributed
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return dist_utils.world_size()
 
     @property
     def rank(self) -> int:
-        dist = torch.distributed
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return dist_utils.rank()
+
+    @property
+    def writes(self) -> bool:
+        """True on the process that writes the run folder (rank 0)."""
+        return self.run_dir is not None and self.rank == 0
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         """Average a batch statistic over processes (identity in a single process)."""
@@ -224,8 +245,12 @@ class Trainer:
             if (rd / "last.pt").exists() or (rd / "metrics.jsonl").exists():
                 raise ConfigError(f"{rd} already holds a run; continue it with --resume {rd} "
                                   "or choose another --output-dir")
-            rd.mkdir(parents=True, exist_ok=True)
-            (rd / "config.yaml").write_text(dump_yaml(self.resolved_config()))
+            dist_utils.barrier()  # every rank has checked before rank 0 creates anything
+            if self.rank == 0:
+                rd.mkdir(parents=True, exist_ok=True)
+                (rd / "config.yaml").write_text(dump_yaml(self.resolved_config()))
+        if self.rank != 0:
+            return
         handler = logging.FileHandler(rd / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
@@ -254,7 +279,7 @@ class Trainer:
         self.best_epoch = int(st["best_epoch"])
         self.train_seconds = float(st["train_seconds"])
         mpath = self.run_dir / "metrics.jsonl"
-        if mpath.exists():  # drop epochs recorded after the checkpoint (killed in between)
+        if mpath.exists() and self.rank == 0:  # drop epochs recorded after the checkpoint (killed in between)
             lines = [ln for ln in mpath.read_text().splitlines()
                      if ln.strip() and json.loads(ln)["epoch"] <= self.start_epoch]
             mpath.write_text("".join(ln + "\n" for ln in lines))
@@ -290,9 +315,10 @@ class Trainer:
             self.method.on_epoch_start(epoch)
             dataset = self.method.train_dataset(epoch, self.data.train)
             # a trailing batch of one sample breaks BatchNorm in training mode: drop it
-            drop_last = tc.drop_last or len(dataset) % tc.batch_size == 1
+            per_rank = -(-len(dataset) // self.world_size)
+            drop_last = tc.drop_last or per_rank % (tc.batch_size // self.world_size) == 1
             loader = self.loader(dataset, shuffle=True, batch_size=tc.batch_size,
-                                 seed=epoch_seed(tc.seed, epoch), drop_last=drop_last)
+                                 seed=epoch_seed(tc.seed, epoch), drop_last=drop_last, shard=True)
             self.model.train()
             sums: dict[str, float] = {}
             n = 0
@@ -318,7 +344,7 @@ class Trainer:
                       "train_size": len(dataset), "val": val, "diagnostics": diagnostics,
                       "seconds": round(time.perf_counter() - t0, 4)}
             self._log_epoch(record, improved)
-            if self.run_dir is not None:
+            if self.writes:
                 if improved:
                     save_checkpoint(self.run_dir / "best.pt", {"model": self.model.state_dict(),
                                                                "method": self.method.state_dict(),
@@ -326,9 +352,9 @@ class Trainer:
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 save_checkpoint(self.run_dir / "last.pt", self._checkpoint_state(epoch))
-            elif improved:
+            elif improved:  # no run folder, or a rank that does not write: keep the best in memory
                 self._best_in_memory = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                                        "method": self.method.state_dict(), "epoch": epoch}
+                                        "method": copy.deepcopy(self.method.state_dict()), "epoch": epoch}
             done_this_call += 1
             if tc.stop_after_epochs is not None and done_this_call >= tc.stop_after_epochs and epoch + 1 < tc.epochs:
                 log.info("stopped after %d epoch(s) as asked; continue with --resume %s", done_this_call, self.run_dir)
@@ -344,15 +370,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def load_best(self) -> int:
-        if self.run_dir is not None:
+        st = getattr(self, "_best_in_memory", None)
+        if st is None and self.run_dir is not None:
             path = self.run_dir / "best.pt"
             if not path.exists():
                 raise ConfigError(f"{path} does not exist: the run has no selected checkpoint")
             st = load_checkpoint(path, self.device)
-        else:
-            st = getattr(self, "_best_in_memory", None)
-            if st is None:
-                return self.epoch
+        if st is None:
+            return self.epoch
         self.model.load_state_dict(st["model"])
         self.method.load_state_dict(st.get("method", {}))
         return int(st["epoch"])
@@ -361,7 +386,7 @@ class Trainer:
         """Load the validation-selected checkpoint, evaluate val and test once, write results."""
         self.best_epoch = self.load_best()
         results = self.results()
-        if self.run_dir is not None:
+        if self.writes:
             write_json(self.run_dir / "results.json", results)
         return results
 
