@@ -11,6 +11,7 @@ from mmbalance.engine import Trainer
 from mmbalance.methods.agm import (agm_coefficients, agm_output, agm_ratios, agm_responses, agm_scores,
                                    agm_subset_logits, running_mean_update)
 from mmbalance.methods.base import ModelSpec, build_standard_model
+from helpers import capture_step_grads
 
 
 def _model(fusion="concat", mods=("a", "v"), policy="input"):
@@ -140,15 +141,7 @@ def test_training_step_gradient_equals_manual_and_state():
     model.zero_grad()
     torch.nn.functional.cross_entropy(agm_output(resp, k), y).backward()
     manual = {n: p.grad.clone() for n, p in model.named_parameters()}
-    captured = {}
-    orig = tr.optimizer_step
-
-    def capture():
-        captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
-        orig()
-
-    tr.optimizer_step = capture
-    tr.method.training_step(batch)
+    captured = capture_step_grads(tr, batch)
     for n in manual:
         assert torch.allclose(captured[n], manual[n], atol=1e-6), n
     diag = tr.method.epoch_diagnostics()

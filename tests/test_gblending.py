@@ -5,24 +5,14 @@ import torch
 from torch.utils.data import Dataset
 
 from mmbalance.config import load_config
-from mmbalance.data.base import ArrayDataset, DataSplits
 from mmbalance.engine.trainer import Trainer, to_device
 from mmbalance.methods.gblending import gblending_weights, holdout_split
 from mmbalance.registry import ConfigError
+from helpers import tiny_data as make_tiny_data
 
 
 def tiny_data(n=60, seed=0, mods=("a", "b")):
-    rng = np.random.default_rng(seed)
-
-    def split(k):
-        y = np.arange(k) % 3
-        arrays = {m: (rng.standard_normal((k, 5)) + y[:, None] * (1.5 if m == "a" else 0.3)).astype(np.float32)
-                  for m in mods}
-        return ArrayDataset(arrays, y)
-
-    return DataSplits(train=split(n), val=split(15), test=split(15), modalities=list(mods), num_classes=3,
-                      input_shapes={m: (5,) for m in mods}, default_encoders={m: "mlp" for m in mods},
-                      encoder_options={m: {"hidden": [8], "dropout": 0.0} for m in mods})
+    return make_tiny_data(n, mods, n_eval=15, seed=seed, signal={"a": 1.5, "b": 0.3}, hidden=[8], dropout=0.0)
 
 
 def trainer(data=None, **method_opts):

@@ -1,28 +1,19 @@
 """Greedy: MMTM shapes and running means, the re-balancing controller by hand, two modalities only."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from mmbalance.config import load_config
-from mmbalance.data.base import ArrayDataset, DataSplits
 from mmbalance.engine.trainer import Trainer, to_device
 from mmbalance.methods.greedy import MMTM, Greedy, GreedyModel, bdr, greedy_controller, initial_controller_state
 from mmbalance.models import create_encoder
 from mmbalance.registry import ConfigError
+from helpers import tiny_data as make_tiny_data
 
 
 def tiny_data(n=32, mods=("a", "b")):
-    rng = np.random.default_rng(0)
-
-    def split(k):
-        y = np.arange(k) % 3
-        return ArrayDataset({m: rng.standard_normal((k, 5)).astype(np.float32) + y[:, None] for m in mods}, y)
-
-    return DataSplits(train=split(n), val=split(9), test=split(9), modalities=list(mods), num_classes=3,
-                      input_shapes={m: (5,) for m in mods}, default_encoders={m: "mlp" for m in mods},
-                      encoder_options={m: {"hidden": [8, 6], "dropout": 0.0} for m in mods})
+    return make_tiny_data(n, mods, n_eval=9, hidden=[8, 6], dropout=0.0)
 
 
 def make(data=None, **opts):

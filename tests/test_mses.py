@@ -4,21 +4,13 @@ import pytest
 import torch
 
 from mmbalance.config import load_config
-from mmbalance.data.base import ArrayDataset, DataSplits
 from mmbalance.engine.trainer import Trainer, to_device
 from mmbalance.methods.mses import mses_update
+from helpers import tiny_data as make_tiny_data
 
 
 def tiny_data(n=48, mods=("a", "b")):
-    rng = np.random.default_rng(0)
-
-    def split(k):
-        y = np.arange(k) % 3
-        return ArrayDataset({m: rng.standard_normal((k, 5)).astype(np.float32) + y[:, None] for m in mods}, y)
-
-    return DataSplits(train=split(n), val=split(12), test=split(12), modalities=list(mods), num_classes=3,
-                      input_shapes={m: (5,) for m in mods}, default_encoders={m: "mlp" for m in mods},
-                      encoder_options={m: {"hidden": [8], "dropout": 0.2, "batchnorm": True} for m in mods})
+    return make_tiny_data(n, mods, hidden=[8], dropout=0.2, batchnorm=True)
 
 
 def make(**opts):

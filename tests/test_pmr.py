@@ -9,6 +9,8 @@ from mmbalance.engine import Trainer
 from mmbalance.methods.pmr import (class_sums, pmr_weak_modalities, prototype_logits, prototype_scores,
                                    update_prototypes)
 
+from helpers import capture_step_grads
+
 
 def test_prototypes_are_class_means_on_a_hand_made_batch():
     h = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 4.0], [10.0, 10.0], [2.0, 2.0]])
@@ -87,15 +89,7 @@ def test_pce_gradient_reaches_only_the_weaker_modality():
         grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
     weak_m = mods[weak.index(True)]
     # through the method's hook: captured before the optimizer step
-    captured = {}
-    orig = tr.optimizer_step
-
-    def capture():
-        captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
-        orig()
-
-    tr.optimizer_step = capture
-    tr.method.training_step(batch)
+    captured = capture_step_grads(tr, batch)
     for n in captured:
         assert torch.allclose(captured[n], grads[weak_m][n], atol=1e-6), n
     strong = [m for m in mods if m != weak_m][0]

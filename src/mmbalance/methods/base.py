@@ -130,6 +130,12 @@ class Method:
         pass
 
     # -- shared helpers --------------------------------------------------------------------
+    def fused_forward(self, batch: Mapping[str, Any]) -> tuple[Output, Tensor]:
+        """The model's output on ``batch`` (under autocast) and the fused loss CE(z, y)."""
+        with self.trainer.autocast():
+            out = self.model(batch["inputs"], batch["present"])
+        return out, self.ce(out.logits, batch["label"])
+
     @torch.no_grad()
     def unimodal_validation(self, per_sample) -> dict[str, float]:
         """Mean over the *validation* split (never test) of ``per_sample(z_m, y) -> (B,)`` for each

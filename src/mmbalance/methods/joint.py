@@ -18,10 +18,8 @@ class Joint(Method):
         self.unimodal_weight = float(unimodal_weight)
 
     def training_step(self, batch):
-        with self.trainer.autocast():
-            out = self.model(batch["inputs"], batch["present"])
+        out, loss = self.fused_forward(batch)
         y = batch["label"]
-        loss = self.ce(out.logits, y)
         if self.unimodal_weight:
             loss = loss + self.unimodal_weight * sum(self.ce(z, y) for z in out.unimodal_logits.values())
         self.trainer.step(loss)

@@ -79,9 +79,7 @@ class MSES(Method):
     def training_step(self, batch):
         for m in self.stopped:  # the engine puts the model in train mode every epoch
             self.model.encoders[m].eval()
-        with self.trainer.autocast():
-            out = self.model(batch["inputs"], batch["present"])
-        loss = self.ce(out.logits, batch["label"])
+        _, loss = self.fused_forward(batch)
         self.trainer.step(loss)
         return {"loss": float(loss.detach())}
 

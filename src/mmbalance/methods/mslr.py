@@ -144,9 +144,7 @@ class MSLR(Method):
     # ------------------------------------------------------------------ training
     def training_step(self, batch):
         tr = self.trainer
-        with tr.autocast():
-            out = self.model(batch["inputs"], batch["present"])
-        loss = self.ce(out.logits, batch["label"])
+        _, loss = self.fused_forward(batch)
         tr.zero_grad()
         tr.backward(loss)
         scaled = {m: c for m, c in self.multipliers.items() if c != 1.0}

@@ -137,10 +137,8 @@ class OGMGE(Method):
     def training_step(self, batch):
         tr = self.trainer
         mods = self.model.modalities
-        with tr.autocast():
-            out = self.model(batch["inputs"], batch["present"])
+        out, loss = self.fused_forward(batch)
         y = batch["label"]
-        loss = self.ce(out.logits, y)
         n = tr.all_reduce_sum(torch.tensor(float(y.numel()), device=y.device))
         scores = tr.all_reduce_sum(ogm_scores([out.unimodal_logits[m] for m in mods], y))
         k, rho = ogm_coefficients(scores, self.alpha, self.ratio_offset)

@@ -163,10 +163,8 @@ class PMR(Method):
     def training_step(self, batch):
         tr = self.trainer
         mods = self.model.modalities
-        with tr.autocast():
-            out = self.model(batch["inputs"], batch["present"])
+        out, loss = self.fused_forward(batch)
         y = batch["label"]
-        loss = self.ce(out.logits, y)
         # samples missing a modality take no part in that modality's prototype terms
         keep = {m: batch["present"][m] for m in mods}
         d = {m: prototype_logits(out.features[m][keep[m]], self.prototypes[m]) for m in mods}

@@ -32,8 +32,6 @@ class Unimodal(Method):
         return build_standard_model(spec, fusion="concat")
 
     def training_step(self, batch):
-        with self.trainer.autocast():
-            out = self.model(batch["inputs"], batch["present"])
-        loss = self.ce(out.logits, batch["label"])
+        _, loss = self.fused_forward(batch)
         self.trainer.step(loss)
         return {"loss": float(loss.detach())}
