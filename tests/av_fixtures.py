@@ -54,18 +54,21 @@ def write_video(path: str | Path, seconds: float, *, fps: int = FPS, audio: bool
             total = int(seconds * audio_rate)
             t = np.arange(total) / audio_rate
             wave = (0.3 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)
-            step = 1024
-            for k in range(0, total, step):
-                chunk = wave[k:k + step]
-                frame = av.AudioFrame.from_ndarray(chunk[None, :], format="flt", layout="mono")
-                frame.sample_rate = audio_rate
-                frame.pts = k
-                frame.time_base = Fraction(1, audio_rate)
-                for packet in as_.encode(frame):
-                    out.mux(packet)
-            for packet in as_.encode():
-                out.mux(packet)
+            _encode_audio(out, as_, wave, audio_rate, "flt", 1024)
     return path
+
+
+def _encode_audio(out, stream, wave: np.ndarray, rate: int, fmt: str, step: int) -> None:
+    """Encode a mono waveform into ``stream`` of container ``out`` in chunks of ``step`` samples."""
+    for k in range(0, len(wave), step):
+        frame = av.AudioFrame.from_ndarray(wave[None, k:k + step], format=fmt, layout="mono")
+        frame.sample_rate = rate
+        frame.pts = k
+        frame.time_base = Fraction(1, rate)
+        for packet in stream.encode(frame):
+            out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
 
 
 def write_wav(path: str | Path, seconds: float, rate: int = 44100, tone_hz: float = 440.0) -> Path:
@@ -78,18 +81,7 @@ def write_wav(path: str | Path, seconds: float, rate: int = 44100, tone_hz: floa
     with av.open(str(path), "w") as out:
         s = out.add_stream("pcm_s16le", rate=rate)
         s.layout = "mono"
-        for k in range(0, max(total, 1), 4096):
-            chunk = wave[k:k + 4096]
-            if len(chunk) == 0:
-                break
-            frame = av.AudioFrame.from_ndarray(chunk[None, :], format="s16", layout="mono")
-            frame.sample_rate = rate
-            frame.pts = k
-            frame.time_base = Fraction(1, rate)
-            for p in s.encode(frame):
-                out.mux(p)
-        for p in s.encode():
-            out.mux(p)
+        _encode_audio(out, s, wave, rate, "s16", 4096)
     return path
 
 

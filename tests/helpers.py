@@ -5,7 +5,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mmbalance.config import RunConfig, load_config
 from mmbalance.data.base import ArrayDataset, DataSplits
+
+
+def quick_config(method: str, epochs: int = 2, **overrides: Any) -> RunConfig:
+    """A short, quiet run of ``method`` on the embedded data; dotted ``overrides`` win."""
+    base = {"train.epochs": epochs, "method.name": method, "train.progress": "off", "train.probe": False,
+            "train.eval_batch_size": 512}
+    base.update(overrides)
+    return load_config(None, base)
 
 
 def tiny_data(n: int = 48, mods: Sequence[str] = ("a", "b"), n_eval: int = 12, seed: int = 0,

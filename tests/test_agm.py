@@ -6,12 +6,11 @@ import math
 import pytest
 import torch
 
-from mmbalance.config import load_config
 from mmbalance.engine import Trainer
 from mmbalance.methods.agm import (agm_coefficients, agm_output, agm_ratios, agm_responses, agm_scores,
                                    agm_subset_logits, running_mean_update)
 from mmbalance.methods.base import ModelSpec, build_standard_model
-from helpers import capture_step_grads
+from helpers import capture_step_grads, quick_config
 
 
 def _model(fusion="concat", mods=("a", "v"), policy="input"):
@@ -121,10 +120,7 @@ def test_output_scales_the_gradient_through_each_response():
 
 
 def _cfg(**over):
-    base = {"train.epochs": 1, "method.name": "agm", "train.progress": "off", "train.probe": False,
-            "train.eval_batch_size": 512}
-    base.update(over)
-    return load_config(None, base)
+    return quick_config("agm", epochs=1, **over)
 
 
 def test_training_step_gradient_equals_manual_and_state():

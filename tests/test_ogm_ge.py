@@ -5,12 +5,13 @@ import math
 import pytest
 import torch
 
-from mmbalance.config import load_config
 from mmbalance.engine import Trainer
 from mmbalance.methods import create_method
 from mmbalance.methods.base import ModelSpec, build_standard_model
 from mmbalance.methods.ogm_ge import ogm_coefficients, ogm_modulate_, ogm_scores, select_parameters
 from mmbalance.registry import ConfigError
+
+from helpers import quick_config
 
 
 def test_scores_are_batch_sums_of_true_class_probability():
@@ -100,10 +101,7 @@ def test_ge_noise_has_the_gradient_std():
 
 
 def _cfg(**over):
-    base = {"train.epochs": 2, "method.name": "ogm_ge", "train.progress": "off", "train.probe": False,
-            "train.eval_batch_size": 512}
-    base.update(over)
-    return load_config(None, base)
+    return quick_config("ogm_ge", epochs=2, **over)
 
 
 def test_training_step_scales_dominant_encoder_only():

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmbalance.config import load_config
 from mmbalance.engine import Trainer
 from mmbalance.methods.qmf import LossHistory, energy_confidence, minmax_normalise, qmf_fuse, qmf_rank_loss
 from mmbalance.registry import ConfigError
+
+from helpers import quick_config
 
 
 def test_fused_logits_follow_the_formula():
@@ -83,10 +84,7 @@ def test_history_is_keyed_by_dataset_index_shuffle_invariant():
 
 
 def _cfg(**over):
-    base = {"train.epochs": 2, "method.name": "qmf", "train.progress": "off", "train.probe": False,
-            "train.eval_batch_size": 512}
-    base.update(over)
-    return load_config(None, base)
+    return quick_config("qmf", epochs=2, **over)
 
 
 def test_training_history_predict_and_resume_state():
