@@ -17,10 +17,25 @@ def quick_config(method: str, epochs: int = 2, **overrides: Any) -> RunConfig:
     return load_config(None, base)
 
 
+def missing_masks(k: int, mods: Sequence[str], rate: float | Mapping[str, float],
+                  rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Presence masks: each modality of each sample absent with probability ``rate`` (one for all
+    or one per modality), never all modalities of one sample at once (such a sample keeps one
+    modality, drawn at random)."""
+    rates = np.array([rate.get(m, 0.0) if isinstance(rate, Mapping) else rate for m in mods])
+    present = rng.random((k, len(mods))) >= rates
+    empty = ~present.any(axis=1)
+    present[np.flatnonzero(empty), rng.integers(0, len(mods), int(empty.sum()))] = True
+    return {m: present[:, i] for i, m in enumerate(mods)}
+
+
 def tiny_data(n: int = 48, mods: Sequence[str] = ("a", "b"), n_eval: int = 12, seed: int = 0,
-              signal: Mapping[str, float] | None = None, **encoder_options: Any) -> DataSplits:
+              signal: Mapping[str, float] | None = None, missing: float | Mapping[str, float] = 0.0,
+              **encoder_options: Any) -> DataSplits:
     """Three classes, 5-d features per modality: noise + ``signal[m] * label`` (default 1.0);
-    MLP encoders with ``encoder_options``."""
+    MLP encoders with ``encoder_options``. ``missing``: each modality of each sample is absent
+    with this probability (or ``{modality: rate}``; never all of a sample's modalities), in
+    every split."""
     rng = np.random.default_rng(seed)
     signal = signal or {}
 
@@ -28,7 +43,8 @@ def tiny_data(n: int = 48, mods: Sequence[str] = ("a", "b"), n_eval: int = 12, s
         y = np.arange(k) % 3
         arrays = {m: (rng.standard_normal((k, 5)) + y[:, None] * signal.get(m, 1.0)).astype(np.float32)
                   for m in mods}
-        return ArrayDataset(arrays, y)
+        present = missing_masks(k, mods, missing, rng) if missing else None
+        return ArrayDataset(arrays, y, present)
 
     return DataSplits(train=split(n), val=split(n_eval), test=split(n_eval), modalities=list(mods),
                       num_classes=3, input_shapes={m: (5,) for m in mods},

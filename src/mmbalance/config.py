@@ -247,3 +247,43 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 
 def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# Keys that change how a run is executed or shown, not what it computes: a run folder whose
+# configuration differs only in these is the same run (its results stand).
+FINGERPRINT_IGNORES = ("output_dir", "train.progress", "train.num_workers", "train.stop_after_epochs",
+                       "train.device", "train.checkpoint_every")
+
+
+def config_fingerprint(cfg: RunConfig | dict[str, Any]) -> str:
+    """A short hash of a *resolved* configuration (method hyperparameters filled in), ignoring
+    :data:`FINGERPRINT_IGNORES`. Two runs with the same fingerprint compute the same thing."""
+    import hashlib
+    import json
+
+    d = to_dict(cfg) if isinstance(cfg, RunConfig) else to_dict(from_dict(cfg))
+    for key in FINGERPRINT_IGNORES:
+        parts = key.split(".")
+        node = d
+        for p in parts[:-1]:
+            node = node.get(p, {})
+        node.pop(parts[-1], None)
+    text = json.dumps(d, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_difference(a: RunConfig, b: RunConfig) -> list[str]:
+    """Dotted keys whose values differ between two configurations, as ``key: a -> b``."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                out.update(flat(v, key + "."))
+            else:
+                out[key] = v
+        return out
+
+    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb))
+            if fa.get(k) != fb.get(k) and k not in FINGERPRINT_IGNORES]

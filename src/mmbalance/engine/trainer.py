@@ -169,6 +169,14 @@ class Trainer:
                           persistent_workers=False)
 
     # ------------------------------------------------------------------ helpers for methods
+    def shard(self, dataset: Dataset) -> Dataset:
+        """This rank's share of ``dataset`` for a per-epoch pass (positions ``rank::world``, no
+        padding, so every sample is counted exactly once over the ranks); the dataset itself on one
+        process. Sum the pass's statistics with :meth:`all_reduce_sum` afterwards."""
+        if self.world_size == 1:
+            return dataset
+        return torch.utils.data.Subset(dataset, list(range(self.rank, len(dataset), self.world_size)))
+
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
