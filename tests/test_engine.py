@@ -110,7 +110,7 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
     (["--fusion", "nope"], "unknown fusion 'nope'; valid fusions: "),
     (["--dataset", "nope"], "unknown dataset 'nope'; valid datasets: "),
     (["--encoder", "nope"], "unknown encoder 'nope'; valid encoders: "),
-    (["--optimizer", "nope"], "unknown optimizer 'nope'"),
+    (["--optimizer", "nope"], "config key 'optim.name' takes one of 'sgd', 'adam', 'adamw', 'adagrad', got 'nope'"),
     (["--optim.lrr", "1"], "unknown config key 'optim.lrr'"),
     (["--method.bogus", "1"], "method 'joint' has no option 'bogus'"),
 ])

@@ -8,8 +8,7 @@ import pytest
 from mmbalance.cli import main
 from mmbalance.methods import list_methods
 
-# greedy needs ResNet branches (MMTM between conv stages): covered in tests/test_greedy.py
-METHODS = [m for m in list_methods() if m != "greedy"]
+METHODS = list_methods()
 # methods whose per-epoch work only starts after a warm-up get a short one here
 FAST = {"arl": ["--method.warmup_epochs", "1"], "sample_valuation": ["--method.warmup_epochs", "1"],
         "modality_valuation": ["--method.warmup_epochs", "1"]}

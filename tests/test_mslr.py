@@ -1,4 +1,5 @@
-"""MSLR: rate rules by hand; only the targeted modality's updates change."""
+"""MSLR: rate rules by hand; only the targeted modality's updates change; the modulation window;
+the validation pass; resume; the start from unimodal runs."""
 import pytest
 import torch
 
@@ -86,3 +87,173 @@ def test_dynamic_strategy_uses_val_history():
     m.val_acc = {}
     m.load_state_dict(st)
     assert m.val_acc["b"][:2] == [0.4, 0.2]
+
+
+# ---------------------------------------------------------------------------------- step, window, passes, resume
+import copy  # noqa: E402
+import json  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from mmbalance.methods.mslr import MSLR, load_unimodal_weights  # noqa: E402
+from helpers import capture_step_grads  # noqa: E402
+
+
+def _batch(tr, seed=0):
+    return to_device(next(iter(tr.loader(tr.data.train, shuffle=True, batch_size=16, seed=seed))), tr.device)
+
+
+def _owner(n):
+    for m in ("a", "b"):
+        if n.startswith(f"encoders.{m}.") or n.startswith(f"fusion.heads.{m}."):
+            return m
+    return None
+
+
+def test_training_step_matches_hand_written_reference():
+    """Fused CE; the gradients of what modality m owns (encoder + its own head) times c_m."""
+    tr = make("mslr", "sum", strategy="keep", rates={"a": 0.5, "b": 2.0})
+    tr.method.on_epoch_start(0)
+    tr.model.train()
+    batch = _batch(tr)
+    ref = copy.deepcopy(tr.model)
+    z = sum(F.linear(ref.encoders[m](batch["inputs"][m]), ref.fusion.heads[m].weight, ref.fusion.heads[m].bias)
+            for m in ("a", "b"))
+    F.cross_entropy(z, batch["label"]).backward()
+    expect = {n: p.grad * {"a": 0.5, "b": 2.0, None: 1.0}[_owner(n)] for n, p in ref.named_parameters()}
+    grads = capture_step_grads(tr, batch)
+    assert set(grads) == set(expect)
+    for n, g in expect.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7, msg=n)
+    diag = tr.method.epoch_diagnostics()
+    assert diag["rate_a"] == 0.5 and diag["rate_b"] == 2.0
+
+
+def test_modulation_window_boundaries():
+    tr = make("mslr", "sum", strategy="keep", rates={"a": 0.5, "b": 2.0}, modulation_start=2, modulation_end=4)
+    m = tr.method
+    for epoch, active in ((1, False), (2, True), (4, True), (5, False)):
+        m.on_epoch_start(epoch)
+        assert m.multipliers == ({"a": 0.5, "b": 2.0} if active else {"a": 1.0, "b": 1.0}), epoch
+    assert MSLR().modulation_start == 0 and MSLR().modulation_end is None  # the paper: every epoch
+    # outside the window the step is exactly joint training (grads unscaled), inside it scaled
+    tr.model.train()
+    batch = _batch(tr)
+    m.on_epoch_start(1)
+    ref = make("mslr", "sum", strategy="keep", rates={"a": 0.5, "b": 2.0}, modulation_start=2, modulation_end=4)
+    ref.method.on_epoch_start(2)
+    ref.model.train()
+    g_out = capture_step_grads(tr, batch)
+    g_in = capture_step_grads(ref, batch)
+    for n in g_out:  # same initial weights (same seed), same batch
+        c = {"a": 0.5, "b": 2.0, None: 1.0}[_owner(n)]
+        torch.testing.assert_close(g_in[n], c * g_out[n], msg=n)
+    with pytest.raises(ConfigError, match="modulation_end"):
+        MSLR(modulation_start=3, modulation_end=2)
+    with pytest.raises(ConfigError, match="modulation_start"):
+        MSLR(modulation_start=-1)
+
+
+def test_dynamic_history_is_recorded_outside_the_window():
+    tr = make("mslr", "sum", strategy="dynamic", window=1, modulation_start=5)
+    m = tr.method
+    m.on_epoch_end(0)
+    m.on_epoch_end(1)
+    assert len(m.val_acc["a"]) == 2
+    m.val_acc = {"a": [0.5, 0.75], "b": [0.4, 0.2]}
+    m.on_epoch_start(4)
+    assert m.multipliers == {"a": 1.0, "b": 1.0}
+    m.on_epoch_start(5)
+    assert m.multipliers["a"] == pytest.approx(1.5) and m.multipliers["b"] == pytest.approx(0.5)
+
+
+def test_validation_pass_is_eval_mode_and_leaves_train_mode_and_buffers():
+    cfg = load_config(None, {"train.epochs": 3, "method.name": "mslr", "train.progress": "off", "train.probe": False,
+                             "model.fusion": "sum", "method.window": 1})
+    tr = Trainer(cfg, data=make_tiny_data(48, ("a", "b"), hidden=[8], dropout=0.3, batchnorm=True))
+    tr.model.train()
+    for seed in (1, 2):
+        tr.method.training_step(_batch(tr, seed))
+    buffers = {k: v.clone() for k, v in tr.model.named_buffers()}
+    ref = copy.deepcopy(tr.model).eval()
+    val = tr.data.val
+    xs = {m: torch.stack([val[i]["inputs"][m] for i in range(len(val))]) for m in ("a", "b")}
+    ys = torch.stack([val[i]["label"] for i in range(len(val))])
+    with torch.no_grad():
+        out = ref(xs)
+    expect = {m: float((out.unimodal_logits[m].argmax(1) == ys).float().mean()) for m in ("a", "b")}
+    tr.method.on_epoch_end(0)
+    assert tr.method.val_acc == {"a": [pytest.approx(expect["a"])], "b": [pytest.approx(expect["b"])]}
+    assert all(torch.equal(v, buffers[k]) for k, v in tr.model.named_buffers())
+    assert all(mod.training for mod in tr.model.modules())
+
+
+def _fit(tmp_path, name, resume=False, **opts):
+    o = {f"method.{k}": v for k, v in opts.items()}
+    cfg = load_config(None, {"train.epochs": 3, "method.name": "mslr", "train.progress": "off", "train.probe": False,
+                             "model.fusion": "sum", "train.batch_size": 16, "optim.lr": 0.05, **o})
+    cfg.train.stop_after_epochs = 2 if name == "part" else None
+    return Trainer(cfg, run_dir=tmp_path / name, resume=resume, data=tiny_data()).fit()
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """Stopped after 2 of 3 epochs, resumed: the third epoch's dynamic rates come from the
+    restored validation history; everything equals an uninterrupted run."""
+    opts = {"strategy": "dynamic", "window": 1, "rates": [0.8, 1.2], "modulation_start": 1}
+    full = _fit(tmp_path, "full", **opts)
+    assert _fit(tmp_path, "part", **opts) is None
+    part = _fit(tmp_path, "part", resume=True, **opts)
+    lines = {k: [json.loads(x) for x in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]
+             for k in ("full", "part")}
+    rates = [x["diagnostics"]["rate_a"] for x in lines["full"]]
+    assert rates[0] == 1.0 and rates[1] == pytest.approx(0.8) and rates[2] != pytest.approx(0.8)
+    for key in ("val", "diagnostics", "train"):
+        assert [x[key] for x in lines["full"]] == [x[key] for x in lines["part"]], key
+    assert full["test"] == part["test"] and full["best_epoch"] == part["best_epoch"]
+
+
+# ---------------------------------------------------------------------------------- start from unimodal runs
+def _unimodal_run(tmp_path, modality, hidden=(8,)):
+    cfg = load_config(None, {"train.epochs": 1, "method.name": "unimodal", "method.modality": modality,
+                             "train.progress": "off", "train.probe": False, "train.seed": 7})
+    run = tmp_path / f"uni_{modality}_{len(hidden)}"
+    Trainer(cfg, run_dir=run, data=make_tiny_data(48, ("a", "b"), hidden=list(hidden), dropout=0.0)).fit()
+    return run
+
+
+def test_init_from_unimodal_runs(tmp_path):
+    run_a = _unimodal_run(tmp_path, "a")
+    saved = torch.load(run_a / "best.pt", weights_only=False)["model"]
+    tr = make("mslr", "sum", init_from={"a": str(run_a)})
+    before_b = {k: v.clone() for k, v in tr.model.state_dict().items() if not k.startswith(("encoders.a.", "fusion.heads.a."))}
+    assert not torch.equal(tr.model.state_dict()["encoders.a.net.1.weight"], saved["encoders.a.net.1.weight"])
+    tr.method.on_epoch_start(1)  # only the first epoch of a fresh run loads (a resumed run has its weights)
+    assert not torch.equal(tr.model.state_dict()["encoders.a.net.1.weight"], saved["encoders.a.net.1.weight"])
+    tr.method.on_epoch_start(0)
+    now = tr.model.state_dict()
+    for k, v in saved.items():
+        if k.startswith("encoders.a."):
+            assert torch.equal(now[k], v), k
+    assert torch.equal(now["fusion.heads.a.weight"], saved["fusion.fc.weight"])
+    assert torch.equal(now["fusion.heads.a.bias"], saved["fusion.fc.bias"])
+    assert all(torch.equal(now[k], v) for k, v in before_b.items())  # modality b and the rest untouched
+    # a shared head (concat) keeps its own initialisation; only the encoder is copied
+    tr = make("mslr", "concat", init_from={"a": str(run_a)})
+    names = load_unimodal_weights(tr.model, "a", run_a)
+    assert names and all(n.startswith("encoders.a.") for n in names)
+
+
+def test_init_from_errors(tmp_path):
+    run_a = _unimodal_run(tmp_path, "a")
+    tr = make("mslr", "sum", init_from={"a": str(tmp_path / "nowhere")})  # building never reads (evaluate)
+    with pytest.raises(ConfigError, match="does not exist"):
+        tr.method.on_epoch_start(0)
+    with pytest.raises(ConfigError, match="holds no 'b' encoder"):
+        make("mslr", "sum", init_from={"b": str(run_a)}).method.on_epoch_start(0)
+    with pytest.raises(ConfigError, match="unknown modalities"):
+        make("mslr", "sum", init_from={"c": str(run_a)})
+    wide = _unimodal_run(tmp_path, "a", hidden=(8, 4))
+    with pytest.raises(ConfigError, match="does not fit"):
+        make("mslr", "sum", init_from={"a": str(wide)}).method.on_epoch_start(0)
+    with pytest.raises(ConfigError, match="init_from"):
+        MSLR(init_from="runs/a")

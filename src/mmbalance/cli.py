@@ -16,41 +16,7 @@ from typing import Any, Sequence
 
 from .registry import ConfigError
 
-# Short flags of the contract -> config keys.
-SHORT_FLAGS = {
-    "dataset": "dataset.name", "method": "method.name", "fusion": "model.fusion", "encoder": "model.encoder",
-    "epochs": "train.epochs", "seed": "train.seed", "batch_size": "train.batch_size", "lr": "optim.lr",
-    "optimizer": "optim.name", "scheduler": "optim.scheduler", "device": "train.device",
-    "modalities": "dataset.modalities", "output_dir": "output_dir",
-}
-
-
-def _split_overrides(rest: Sequence[str]) -> dict[str, Any]:
-    """Parse ``--a.b value`` / ``--a.b=value`` pairs into a dotted-key dict."""
-    from .config import parse_value
-
-    out: dict[str, Any] = {}
-    i = 0
-    rest = list(rest)
-    while i < len(rest):
-        tok = rest[i]
-        if not tok.startswith("--") or len(tok) <= 2:
-            raise ConfigError(f"unexpected argument '{tok}'; overrides look like --section.key value")
-        key = tok[2:]
-        if "=" in key:
-            key, val = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(rest) or (rest[i + 1].startswith("--") and len(rest[i + 1]) > 2):
-                val = "true"  # a bare flag, e.g. --train.deterministic
-                i += 1
-            else:
-                val = rest[i + 1]
-                i += 2
-        key = key.replace("-", "_")
-        key = SHORT_FLAGS.get(key, key)
-        out[key] = parse_value(val)
-    return out
+from .config import SHORT_FLAGS, parse_overrides as _split_overrides  # noqa: F401 - kept for callers
 
 
 def _setup_logging(quiet: bool = False) -> None:
@@ -90,9 +56,15 @@ def _summary_line(results: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- commands
+# keys a resumed run may change: how it runs, plus the two a diverged run needs (recorded in its history)
+RESUME_MAY_CHANGE = {"train.stop_after_epochs", "train.progress", "train.device", "train.num_workers",
+                     "optim.lr", "optim.grad_clip"}
+
+
 def cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from .config import dump_yaml, load_config
-    from .engine import Trainer, default_run_dir, load_run_config
+    from .engine import Trainer, default_run_dir, load_run_config, resolve_config
+    from .engine.assembly import check_config
 
     overrides = _split_overrides(rest)
     for flag, key in SHORT_FLAGS.items():
@@ -101,27 +73,38 @@ def cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
             overrides[key] = v
     if args.deterministic:
         overrides["train.deterministic"] = True
+    if args.print_config:  # build the components without loading any data
+        cfg = load_config(args.config, overrides) if not args.resume else load_run_config(args.resume)
+        check_config(cfg)
+        print(dump_yaml(resolve_config(cfg)), end="")
+        return 0
     from .engine import distributed as dist_utils
 
     dist_utils.init_from_env(str(overrides.get("train.device", "auto")))
     if dist_utils.rank() != 0:
         logging.getLogger("mmbalance").setLevel(logging.WARNING)
+    changes: dict[str, Any] = {}
     if args.resume:
         run_dir = Path(args.resume)
         cfg = load_run_config(run_dir)
-        allowed = {"train.stop_after_epochs", "train.progress", "train.device", "train.num_workers"}
-        bad = [k for k in overrides if k not in allowed and k != "output_dir"]
+        bad = [k for k in overrides if k not in RESUME_MAY_CHANGE and k != "output_dir"]
         if bad or args.config:
             raise ConfigError(f"cannot change {', '.join(bad) or '--config'} when resuming; "
-                              f"allowed: {', '.join(sorted(allowed))}")
+                              f"allowed: {', '.join(sorted(RESUME_MAY_CHANGE))}")
+        checked = load_config(None, overrides, base=load_run_config(run_dir))  # types and ranges
+        for key in ("optim.lr", "optim.grad_clip"):
+            if key in overrides:
+                sec, k = key.split(".")
+                new, old = getattr(getattr(checked, sec), k), getattr(getattr(cfg, sec), k)
+                if new != old:
+                    changes[key] = new
+                overrides.pop(key)
         cfg = load_config(None, overrides, base=cfg)
     else:
         cfg = load_config(args.config, overrides)
         run_dir = dist_utils.broadcast_object(Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg))
-    if args.print_config:
-        print(dump_yaml(cfg), end="")
-        return 0
-    trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
+    args.interrupt_hint = f"stopped; continue with: mmbalance train --resume {run_dir}"
+    trainer = Trainer(cfg, run_dir, resume=bool(args.resume), resume_changes=changes)
     log = logging.getLogger("mmbalance")
     log.info("run folder: %s", run_dir)
     rank = dist_utils.rank()
@@ -169,6 +152,27 @@ def cmd_evaluate(args: argparse.Namespace, rest: Sequence[str]) -> int:
     return 0
 
 
+# arguments a component's factory receives from the engine, not from the user
+_NOT_OPTIONS = {"encoders": ("input_shape",), "fusions": ("feature_dims", "num_classes")}
+
+
+def format_options(kind: str, name: str, factory: Any, summary: str, skip: Sequence[str] = ()) -> str:
+    """A table of a component's options (from its signature, type hints and docstring)."""
+    from .options import describe_options
+
+    opts = describe_options(factory, skip)
+    lines = [f"{kind} {name}: {summary}"]
+    if not opts:
+        lines.append("  (no options)")
+        return "\n".join(lines)
+    rows = [("option", "type / allowed", "default", "meaning")]
+    rows += [(o.name, o.type, "null" if o.default is None else repr(o.default), o.help) for o in opts]
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        lines.append("  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(r[:3])) + "  " + r[3])
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def cmd_list(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from .data import DATASETS, list_datasets
     from .methods import METHODS, list_methods
@@ -177,6 +181,13 @@ def cmd_list(args: argparse.Namespace, rest: Sequence[str]) -> int:
     list_methods(), list_datasets(), list_encoders(), list_fusions()
     sections = [("methods", METHODS), ("fusions", FUSIONS), ("encoders", ENCODERS), ("datasets", DATASETS)]
     what = args.what
+    if args.name:
+        if not what:
+            raise ConfigError("name what to describe: mmbalance list methods NAME (or fusions, encoders, datasets)")
+        reg = dict(sections)[what]
+        entry = next(e for e in reg.entries() if e.name == args.name) if args.name in reg else reg.get(args.name)
+        print(format_options(what[:-1], args.name, entry.obj, entry.summary, _NOT_OPTIONS.get(what, ())))
+        return 0
     for title, reg in sections:
         if what and what != title:
             continue
@@ -185,6 +196,8 @@ def cmd_list(args: argparse.Namespace, rest: Sequence[str]) -> int:
         w = max((len(e.name) for e in entries), default=0)
         for e in entries:
             print(f"  {e.name.ljust(w)}  {e.summary}")
+    if not what:
+        print("options of one: mmbalance list methods NAME (likewise fusions, encoders, datasets)")
     return 0
 
 
@@ -243,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list methods, fusions, encoders, datasets")
     ls.add_argument("what", nargs="?", choices=["methods", "fusions", "encoders", "datasets"])
+    ls.add_argument("name", nargs="?", help="describe this one: every option with type, default and meaning")
     ls.set_defaults(func=cmd_list)
 
     b = sub.add_parser("build-data", help="generate the av_digits dataset ahead of training (else built on first use)")
@@ -286,13 +300,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _setup_logging(args.quiet)
+    from .engine.rundir import install_interrupt_handlers
+
+    install_interrupt_handlers()  # SIGTERM ends a run like Ctrl-C: files consistent, resumable
     try:
         return int(args.func(args, rest) or 0)
     except ConfigError as e:
         print(f"mmbalance: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mmbalance: interrupted; a training run can be continued with --resume DIR", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        hint = getattr(args, "interrupt_hint", None) or "nothing was running that can be resumed"
+        print(f"mmbalance: interrupted ({e or 'SIGINT'}); {hint}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - turn known failure kinds into one line
         from .engine import TrainingDiverged

@@ -17,10 +17,11 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Sequence
 
 import yaml
 
+from .options import Interval, coerce_value
 from .registry import ConfigError
 
 
@@ -54,38 +55,77 @@ class MethodConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+NonNegInt = Annotated[int, Interval(0, None)]
+PosInt = Annotated[int, Interval(1, None)]
+NonNegFloat = Annotated[float, Interval(0, None)]
+PosFloat = Annotated[float, Interval(0, None, closed="neither")]
+Fraction = Annotated[float, Interval(0, 1, closed="left")]
+
+
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adam | adamw | adagrad
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Optimizer and learning-rate schedule.
+
+    name: the optimizer.
+    lr: initial learning rate.
+    momentum: SGD momentum.
+    weight_decay: L2 weight decay.
+    betas: Adam/AdamW betas, two numbers in [0, 1).
+    nesterov: Nesterov momentum (SGD).
+    grad_clip: max global gradient norm; null = off.
+    scheduler: learning-rate schedule over the epochs.
+    step_size: epochs per decay for ``step``.
+    milestones: epochs at which ``multistep`` decays.
+    gamma: decay factor of ``step``/``multistep``.
+    min_lr: final learning rate of ``cosine``.
+    """
+
+    name: Literal["sgd", "adam", "adamw", "adagrad"] = "sgd"
+    lr: PosFloat = 0.01
+    momentum: Fraction = 0.9
+    weight_decay: NonNegFloat = 1e-4
+    betas: list[Fraction] = field(default_factory=lambda: [0.9, 0.999])
     nesterov: bool = False
-    grad_clip: float | None = None  # max global gradient norm; None = off
-    scheduler: str = "cosine"  # none | step | multistep | cosine
-    step_size: int = 70
-    milestones: list[int] = field(default_factory=lambda: [70])
-    gamma: float = 0.1
-    min_lr: float = 0.0
+    grad_clip: PosFloat | None = None
+    scheduler: Literal["none", "step", "multistep", "cosine"] = "cosine"
+    step_size: PosInt = 70
+    milestones: list[PosInt] = field(default_factory=lambda: [70])
+    gamma: Annotated[float, Interval(0, 1, closed="right")] = 0.1
+    min_lr: NonNegFloat = 0.0
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 40
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    seed: int = 0
+    """The training loop.
+
+    epochs: number of epochs.
+    batch_size: global batch size (over all processes).
+    eval_batch_size: batch size of evaluation passes.
+    seed: seed of everything random in the run.
+    deterministic: use deterministic algorithms only (slower on GPU).
+    device: auto, cpu, cuda or cuda:N.
+    precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.
+    num_workers: DataLoader worker processes.
+    drop_last: drop the last incomplete training batch.
+    select_metric: validation metric for model selection.
+    probe: linear-probe accuracy of each frozen encoder at the end.
+    progress: progress bars: auto (when stderr is a terminal), on or off.
+    stop_after_epochs: stop this invocation after N epochs (continue with --resume).
+    """
+
+    epochs: PosInt = 40
+    batch_size: PosInt = 64
+    eval_batch_size: PosInt = 256
+    seed: Annotated[int, Interval(0, 2**63 - 1)] = 0
     deterministic: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    num_workers: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    num_workers: NonNegInt = 0
     drop_last: bool = False
-    select_metric: str = "accuracy"  # validation metric for model selection: accuracy | macro_f1 | map
-    probe: bool = True  # linear-probe accuracy of each frozen encoder at the end
-    progress: str = "auto"  # auto (when stderr is a terminal) | on | off
-    stop_after_epochs: int | None = None  # stop this invocation after N epochs (resumable)
-    checkpoint_every: int = 1
+    select_metric: Literal["accuracy", "macro_f1", "map"] = "accuracy"
+    probe: bool = True
+    progress: Literal["auto", "on", "off"] = "auto"
+    stop_after_epochs: PosInt | None = None
 
 
 @dataclass
@@ -103,59 +143,14 @@ _OPEN_SECTIONS = {"dataset": "options", "method": "options"}
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Coerce a YAML-parsed value to a dataclass field type (simple types only)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    import types as _types
-    if isinstance(tp, _types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}' takes true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"config key '{key}' takes an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' takes a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, bool):  # YAML reads on/off/yes/no as booleans
-            return "on" if value else "off"
-        if isinstance(value, (int, float)):
-            return str(value)
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' takes a string, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_coerce(v, args[0] if args else Any, key) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' takes a mapping, got {value!r}")
-        return dict(value)
-    return value
+    """Coerce a YAML-parsed value to a dataclass field's type hint and check its declared range."""
+    return coerce_value(value, tp, f"config key '{key}'")
 
 
 def _merge_section(obj: Any, data: dict[str, Any], prefix: str) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(type(obj))
+    hints = typing.get_type_hints(type(obj), include_extras=True)
     fields = {f.name for f in dataclasses.fields(obj)}
     open_key = _OPEN_SECTIONS.get(prefix)
     for k, v in data.items():
@@ -252,7 +247,7 @@ def dump_yaml(cfg: RunConfig) -> str:
 # Keys that change how a run is executed or shown, not what it computes: a run folder whose
 # configuration differs only in these is the same run (its results stand).
 FINGERPRINT_IGNORES = ("output_dir", "train.progress", "train.num_workers", "train.stop_after_epochs",
-                       "train.device", "train.checkpoint_every")
+                       "train.device")
 
 
 def config_fingerprint(cfg: RunConfig | dict[str, Any]) -> str:
@@ -287,3 +282,38 @@ def config_difference(a: RunConfig, b: RunConfig) -> list[str]:
     fa, fb = flat(to_dict(a)), flat(to_dict(b))
     return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(set(fa) | set(fb))
             if fa.get(k) != fb.get(k) and k not in FINGERPRINT_IGNORES]
+
+
+# Short flags of the contract -> config keys.
+SHORT_FLAGS = {
+    "dataset": "dataset.name", "method": "method.name", "fusion": "model.fusion", "encoder": "model.encoder",
+    "epochs": "train.epochs", "seed": "train.seed", "batch_size": "train.batch_size", "lr": "optim.lr",
+    "optimizer": "optim.name", "scheduler": "optim.scheduler", "device": "train.device",
+    "modalities": "dataset.modalities", "output_dir": "output_dir",
+}
+
+
+def parse_overrides(rest: Sequence[str]) -> dict[str, Any]:
+    """Parse ``--a.b value`` / ``--a.b=value`` pairs into a dotted-key dict."""
+    out: dict[str, Any] = {}
+    i = 0
+    rest = list(rest)
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--") or len(tok) <= 2:
+            raise ConfigError(f"unexpected argument '{tok}'; overrides look like --section.key value")
+        key = tok[2:]
+        if "=" in key:
+            key, val = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(rest) or (rest[i + 1].startswith("--") and len(rest[i + 1]) > 2):
+                val = "true"  # a bare flag, e.g. --train.deterministic
+                i += 1
+            else:
+                val = rest[i + 1]
+                i += 2
+        key = key.replace("-", "_")
+        key = SHORT_FLAGS.get(key, key)
+        out[key] = parse_value(val)
+    return out

@@ -70,15 +70,10 @@ class Registry(Generic[T]):
 
 
 def check_options(kind: str, name: str, factory: Callable[..., Any], options: dict[str, Any],
-                  skip: tuple[str, ...] = ()) -> None:
-    """Fail with the list of valid option names if ``options`` has a key ``factory`` does not take."""
-    sig = inspect.signature(factory)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
-        return
-    valid = [p for p in sig.parameters if p not in skip and p != "self"]
-    bad = [k for k in options if k not in valid]
-    if bad:
-        raise ConfigError(
-            f"{kind} '{name}' has no option {', '.join(repr(b) for b in bad)}; "
-            f"valid options: {', '.join(valid) or '(none)'}"
-        )
+                  skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Validate ``options`` against ``factory``'s signature and type hints (see
+    :mod:`mmbalance.options`): unknown names fail with the valid ones, values are coerced to the
+    declared type and checked against the declared range. Returns the coerced options."""
+    from .options import validate_options
+
+    return validate_options(kind, name, factory, options, skip)

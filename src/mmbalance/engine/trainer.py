@@ -27,17 +27,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() on the loader eagerly (a second DataLoader iterator per epoch)
 
 from .. import __version__
-from ..config import RunConfig, dump_yaml, from_dict
+from ..config import RunConfig, config_fingerprint, dump_yaml, from_dict
 from ..data import DataSplits, build_dataset
-from ..evaluation.metrics import classification_metrics
 from ..evaluation.probe import probe_accuracy
-from ..methods import Method, ModelSpec, create_method
-from ..models import FUSIONS, MultimodalModel
+from ..methods import Method
+from ..models import MultimodalModel
 from ..registry import ConfigError
+from ..utils import epoch_seed, seed_everything, set_deterministic, to_device, worker_init_fn
 from . import distributed as dist_utils
-from .checkpoint import load_checkpoint, save_checkpoint, write_json
+from .assembly import (amp_dtype, build_method, check_config, fusion_name, model_spec, resolve_config,
+                       resolve_device, spec_to_dict)
+from .inference import predict_batches, split_metrics
 from .optim import build_optimizer, build_scheduler
-from .seed import epoch_seed, seed_everything, set_deterministic, worker_init_fn
+from .rundir import RunFolder, deferred_interrupts, load_model_state
 
 log = logging.getLogger("mmbalance")
 
@@ -46,36 +48,8 @@ class TrainingDiverged(RuntimeError):
     """Loss became NaN/inf; the message says where and what to change."""
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, Mapping):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is '{name}' but CUDA is not available; use --train.device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
-
-
 def dataset_label(cfg: RunConfig, data: DataSplits) -> str:
     return str(data.info.get("name") or Path(cfg.dataset.name).stem)
-
-
-def fusion_name(model: MultimodalModel) -> str:
-    for entry in FUSIONS.entries():
-        if type(model.fusion) is entry.obj:
-            return entry.name
-    return getattr(model.fusion, "name", type(model.fusion).__name__)
 
 
 class Trainer:
@@ -85,38 +59,33 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
-                 data: DataSplits | None = None):
-        self.cfg = cfg
+                 data: DataSplits | None = None, resume_changes: Mapping[str, Any] | None = None):
+        # assembly, fail-fast order: config, device, method (no data yet), data, model
+        check_config(cfg, self.world_size)
+        self.method: Method = build_method(cfg)
+        self.cfg = resolve_config(cfg, self.method)
+        self.fingerprint = config_fingerprint(self.cfg)
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.folder = RunFolder(run_dir, writes=self.rank == 0) if run_dir is not None else None
         self.resume = resume
-        tc = cfg.train
-        if tc.epochs < 1:
-            raise ConfigError(f"train.epochs must be >= 1, got {tc.epochs}")
-        if tc.batch_size < 1:
-            raise ConfigError(f"train.batch_size must be >= 1, got {tc.batch_size}")
-        if tc.select_metric not in ("accuracy", "macro_f1", "map"):
-            raise ConfigError("train.select_metric must be accuracy, macro_f1 or map")
+        self.resume_changes = dict(resume_changes or {})
+        if self.folder is not None:
+            self.folder.check_resume() if resume else self.folder.check_new()
+        tc = self.cfg.train
         self.device = resolve_device(tc.device)
         if dist_utils.is_distributed() and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
-        if tc.batch_size % self.world_size:
-            raise ConfigError(f"train.batch_size {tc.batch_size} (the global batch) must be divisible by the "
-                              f"number of processes ({self.world_size})")
-        if tc.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError("train.precision must be auto, fp32 or bf16")
-        self.amp_dtype = torch.bfloat16 if (tc.precision == "bf16" or (
-            tc.precision == "auto" and self.device.type == "cuda")) else None
+        self.amp_dtype = amp_dtype(tc.precision, self.device)
         self.show_progress = {"on": True, "off": False}.get(tc.progress, sys.stderr.isatty()) and self.rank == 0
         set_deterministic(tc.deterministic)
         seed_everything(tc.seed)
 
-        self.data = data if data is not None else build_dataset(cfg.dataset.name, **cfg.dataset.options)
-        self.method: Method = create_method(cfg.method.name, **cfg.method.options)
+        self.data = data if data is not None else build_dataset(self.cfg.dataset.name, **self.cfg.dataset.options)
         self.modalities = self.method.modalities(list(self.data.modalities))
-        self.spec = self._model_spec()
+        self.spec = model_spec(self.cfg, self.data, self.modalities)
         self.model: MultimodalModel = self.method.build_model(self.spec).to(self.device)
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, tc.epochs)
+        self.optimizer = build_optimizer(self.model.parameters(), self.cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, tc.epochs)
         self.epoch = 0
         self.global_step = 0
         self.start_epoch = 0
@@ -124,32 +93,6 @@ class Trainer:
         self.best_epoch = -1
         self.train_seconds = 0.0
         self.method.setup(self)
-
-    # ------------------------------------------------------------------ construction helpers
-    def _model_spec(self) -> ModelSpec:
-        mc = self.cfg.model
-        encoders: dict[str, tuple[str, dict[str, Any]]] = {}
-        for m in self.modalities:
-            name = self.data.default_encoders.get(m, "mlp")
-            opts = dict(self.data.encoder_options.get(m, {}))
-            if mc.encoder is not None and mc.encoder != name:
-                name, opts = mc.encoder, {}
-            opts.update(mc.encoder_options)
-            per = dict(mc.encoders.get(m, {}))
-            if "name" in per:
-                new = per.pop("name")
-                if new != name:
-                    name, opts = new, {}
-            opts.update(per)
-            encoders[m] = (name, opts)
-        unknown = [m for m in mc.encoders if m not in self.data.modalities]
-        if unknown:
-            raise ConfigError(f"model.encoders names unknown modality {unknown}; modalities: "
-                              f"{', '.join(self.data.modalities)}")
-        return ModelSpec(modalities=list(self.modalities), num_classes=self.data.num_classes,
-                         input_shapes={m: tuple(self.data.input_shapes[m]) for m in self.modalities},
-                         encoders=encoders, fusion=mc.fusion, fusion_options=dict(mc.fusion_options),
-                         absent_policy=mc.absent_policy)
 
     def loader(self, dataset: Dataset, shuffle: bool = False, batch_size: int | None = None,
                seed: int | None = None, drop_last: bool = False, shard: bool = False) -> DataLoader:
@@ -176,6 +119,20 @@ class Trainer:
         if self.world_size == 1:
             return dataset
         return torch.utils.data.Subset(dataset, list(range(self.rank, len(dataset), self.world_size)))
+
+    def batches(self, dataset: Dataset, *, train: bool = False, batch_size: int | None = None,
+                shuffle: bool = False, seed: int | None = None, drop_last: bool = False,
+                desc: str | None = None):
+        """Device batches of ``dataset`` for an extra pass (valuation, prototypes, statistics):
+        the model in eval mode unless ``train``, and back in train mode afterwards."""
+        was_training = self.model.training
+        self.model.train(train)
+        try:
+            loader = self.loader(dataset, shuffle=shuffle, batch_size=batch_size, seed=seed, drop_last=drop_last)
+            for batch in (self.progress(loader, desc=desc) if desc else loader):
+                yield to_device(batch, self.device)
+        finally:
+            self.model.train(was_training)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -246,37 +203,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ run folder
     def _prepare_run_dir(self) -> None:
-        if self.run_dir is None:
+        if self.folder is None:
             return
-        rd = self.run_dir
         if not self.resume:
-            if (rd / "last.pt").exists() or (rd / "metrics.jsonl").exists():
-                raise ConfigError(f"{rd} already holds a run; continue it with --resume {rd} "
-                                  "or choose another --output-dir")
-            dist_utils.barrier()  # every rank has checked before rank 0 creates anything
-            if self.rank == 0:
-                rd.mkdir(parents=True, exist_ok=True)
-                (rd / "config.yaml").write_text(dump_yaml(self.resolved_config()))
-        if self.rank != 0:
-            return
-        handler = logging.FileHandler(rd / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        self._log_handler = handler
+            dist_utils.barrier()  # every rank has checked the folder before rank 0 creates anything
+            self.folder.create(dump_yaml(self.cfg), spec_to_dict(self.spec))
+        self.folder.remove_stale_temporaries()
+        self.folder.write_spec_if_missing(spec_to_dict(self.spec))
+        self.folder.attach_log()
 
     def resolved_config(self) -> RunConfig:
         """The config with the method's full hyperparameters filled in (for config.yaml)."""
-        d = json.loads(json.dumps(_cfg_dict(self.cfg), default=str))
-        d["method"] = {"name": self.cfg.method.name, **self.method.hparams()}
-        return from_dict(d)
+        return self.cfg
 
     def _load_resume_state(self) -> None:
-        assert self.run_dir is not None
-        path = self.run_dir / "last.pt"
-        if not path.exists():
-            raise ConfigError(f"cannot resume: {path} does not exist (the run saved no epoch yet)")
-        st = load_checkpoint(path, self.device)
-        self.model.load_state_dict(st["model"])
+        assert self.folder is not None
+        st = self.folder.load("last.pt", self.device, self.fingerprint)
+        load_model_state(self.model, st["model"], self.folder / "last.pt")
         self.optimizer.load_state_dict(st["optimizer"])
         if self.scheduler is not None and st.get("scheduler") is not None:
             self.scheduler.load_state_dict(st["scheduler"])
@@ -286,32 +229,52 @@ class Trainer:
         self.best_value = float(st["best_value"])
         self.best_epoch = int(st["best_epoch"])
         self.train_seconds = float(st["train_seconds"])
-        mpath = self.run_dir / "metrics.jsonl"
-        if mpath.exists() and self.rank == 0:  # drop epochs recorded after the checkpoint (killed in between)
-            lines = [ln for ln in mpath.read_text().splitlines()
-                     if ln.strip() and json.loads(ln)["epoch"] <= self.start_epoch]
-            mpath.write_text("".join(ln + "\n" for ln in lines))
+        self.history = list(st.get("history", []))
+        self._apply_resume_changes()
+        self.folder.truncate_metrics(self.start_epoch)  # drop epochs recorded after the checkpoint
         log.info("resuming %s at epoch %d", self.run_dir, self.start_epoch + 1)
+
+    def _apply_resume_changes(self) -> None:
+        """Learning rate and gradient clipping may change on resume (e.g. after divergence):
+        the optimizer's and scheduler's rates are rescaled, and the change is recorded in the
+        checkpoint's history and in ``results.json``."""
+        ch = self.resume_changes
+        if not ch:
+            return
+        if "optim.lr" in ch:
+            factor = float(ch["optim.lr"]) / self.cfg.optim.lr
+            for g in self.optimizer.param_groups:
+                g["lr"] *= factor
+                if "initial_lr" in g:
+                    g["initial_lr"] *= factor
+            if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
+                self.scheduler.base_lrs = [b * factor for b in self.scheduler.base_lrs]
+            self.cfg.optim.lr = float(ch["optim.lr"])
+        if "optim.grad_clip" in ch:
+            self.cfg.optim.grad_clip = ch["optim.grad_clip"]
+        self.history.append({"resumed_at_epoch": self.start_epoch + 1,
+                             "changed": {k: v for k, v in ch.items()}})
+        log.info("resuming with %s", ", ".join(f"{k} = {v}" for k, v in ch.items()))
 
     def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "method": self.method.state_dict(), "epoch": epoch, "global_step": self.global_step,
                 "best_value": self.best_value, "best_epoch": self.best_epoch,
-                "train_seconds": self.train_seconds}
+                "train_seconds": self.train_seconds, "history": getattr(self, "history", [])}
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict[str, Any] | None:
         """Train (or continue) and return the results dict; None if stopped early on purpose."""
+        self.history: list[dict[str, Any]] = []
         self._prepare_run_dir()
         try:
             if self.resume:
                 self._load_resume_state()
             return self._fit()
         finally:
-            if getattr(self, "_log_handler", None) is not None:
-                log.removeHandler(self._log_handler)
-                self._log_handler.close()
+            if self.folder is not None:
+                self.folder.detach_log()
 
     def _fit(self) -> dict[str, Any] | None:
         tc = self.cfg.train
@@ -353,13 +316,13 @@ class Trainer:
                       "seconds": round(time.perf_counter() - t0, 4)}
             self._log_epoch(record, improved)
             if self.writes:
-                if improved:
-                    save_checkpoint(self.run_dir / "best.pt", {"model": self.model.state_dict(),
-                                                               "method": self.method.state_dict(),
-                                                               "epoch": epoch})
-                with open(self.run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                save_checkpoint(self.run_dir / "last.pt", self._checkpoint_state(epoch))
+                with deferred_interrupts():  # an interrupt waits until the epoch's files are consistent
+                    if improved:
+                        self.folder.save("best.pt", {"model": self.model.state_dict(),
+                                                     "method": self.method.state_dict(), "epoch": epoch},
+                                         self.fingerprint)
+                    self.folder.append_metrics(record)
+                    self.folder.save("last.pt", self._checkpoint_state(epoch), self.fingerprint)
             elif improved:  # no run folder, or a rank that does not write: keep the best in memory
                 self._best_in_memory = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
                                         "method": copy.deepcopy(self.method.state_dict()), "epoch": epoch}
@@ -379,14 +342,13 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def load_best(self) -> int:
         st = getattr(self, "_best_in_memory", None)
-        if st is None and self.run_dir is not None:
-            path = self.run_dir / "best.pt"
-            if not path.exists():
-                raise ConfigError(f"{path} does not exist: the run has no selected checkpoint")
-            st = load_checkpoint(path, self.device)
+        if st is None and self.folder is not None:
+            if not (self.folder / "best.pt").exists():
+                raise ConfigError(f"{self.folder / 'best.pt'} does not exist: the run has no selected checkpoint")
+            st = self.folder.load("best.pt", self.device, self.fingerprint)
         if st is None:
             return self.epoch
-        self.model.load_state_dict(st["model"])
+        load_model_state(self.model, st["model"], self.folder / "best.pt" if self.folder else "checkpoint")
         self.method.load_state_dict(st.get("method", {}))
         return int(st["epoch"])
 
@@ -395,7 +357,8 @@ class Trainer:
         self.best_epoch = self.load_best()
         results = self.results()
         if self.writes:
-            write_json(self.run_dir / "results.json", results)
+            with deferred_interrupts():
+                self.folder.write_json("results.json", results)
         return results
 
     def results(self) -> dict[str, Any]:
@@ -409,31 +372,19 @@ class Trainer:
             "train_seconds": round(self.train_seconds, 3), "device": str(self.device),
             "val": val, "test": test, "method_options": _jsonable(self.method.hparams()),
             "versions": {"mmbalance": __version__, "torch": torch.__version__},
+            "fingerprint": self.fingerprint, "history": getattr(self, "history", []),
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
 
-    @torch.no_grad()
     def predict_split(self, dataset: Dataset, desc: str = "eval") -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Fused logits, unimodal logits and labels over a dataset (eval mode)."""
-        self.model.eval()
-        logits, uni, labels = [], {m: [] for m in self.modalities}, []
-        for batch in self.progress(self.loader(dataset), desc=desc):
-            batch = to_device(batch, self.device)
-            with self.autocast():
-                out = self.method.predict(batch)
-            logits.append(out.logits.float().cpu())
-            for m in self.modalities:
-                uni[m].append(out.unimodal_logits[m].float().cpu())
-            labels.append(batch["label"].cpu())
-        return torch.cat(logits), {m: torch.cat(v) for m, v in uni.items()}, torch.cat(labels)
+        return predict_batches(self.method, self.batches(dataset, desc=desc), self.modalities, self.autocast)
 
     @torch.no_grad()
     def encoder_features(self, dataset: Dataset, desc: str = "features") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
         """Encoder outputs per modality (eval mode), presence masks and labels."""
-        self.model.eval()
         feats, pres, labels = {m: [] for m in self.modalities}, {m: [] for m in self.modalities}, []
-        for batch in self.progress(self.loader(dataset), desc=desc):
-            batch = to_device(batch, self.device)
+        for batch in self.batches(dataset, desc=desc):
             with self.autocast():
                 for m in self.modalities:
                     feats[m].append(self.model.encode(m, batch["inputs"][m]).float().cpu())
@@ -446,23 +397,14 @@ class Trainer:
         dataset = {"val": self.data.val, "test": self.data.test, "train": self.data.train_eval}[split]
         logits, uni, labels = self.predict_split(dataset, desc=f"eval {split}")
         C = self.data.num_classes
-        res: dict[str, Any] = classification_metrics(logits, labels, C)
-        res["loss"] = float(F.cross_entropy(logits, labels))
-        res["per_modality"] = {m: classification_metrics(uni[m], labels, C) for m in self.modalities}
+        res = split_metrics(logits, uni, labels, C)
         if probe:
             tr_f, tr_p, tr_y = self.encoder_features(self.data.train_eval, desc="probe features (train)")
             ev_f, ev_p, ev_y = self.encoder_features(dataset, desc=f"probe features ({split})")
             for m in self.modalities:
                 res["per_modality"][m]["probe_accuracy"] = probe_accuracy(
                     tr_f[m][tr_p[m]], tr_y[tr_p[m]], ev_f[m][ev_p[m]], ev_y[ev_p[m]], C)
-        self.model.train()
         return res
-
-
-def _cfg_dict(cfg: RunConfig) -> dict[str, Any]:
-    from ..config import to_dict
-
-    return to_dict(cfg)
 
 
 def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:

@@ -50,8 +50,7 @@ def get_method_class(name: str) -> type[Method]:
 
 def create_method(name: str, **hyperparameters: Any) -> Method:
     cls = get_method_class(name)
-    check_options("method", name, cls.__init__, hyperparameters)
-    return cls(**hyperparameters)
+    return cls(**check_options("method", name, cls, hyperparameters))
 
 
 __all__ = ["METHODS", "Method", "ModelSpec", "build_standard_model", "create_method",

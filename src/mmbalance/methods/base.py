@@ -2,15 +2,16 @@
 
 A method owns what differs between methods and nothing else: how one training step uses the
 model (losses, gradient hooks, projections, alternation), optional per-epoch work (valuation,
-prototypes, covariance), how it predicts, and what it logs. The :class:`~mmbalance.engine.Trainer`
-owns the loop, devices, precision, checkpoints, metrics and logging.
+prototypes, covariance), how it predicts, and what it logs. The engine owns the loop, devices,
+precision, checkpoints, metrics and logging, and hands the method a :class:`TrainerHandle`: the
+narrow set of things a method may use (methods never import the engine).
 
 Life cycle (all hooks optional except what the default already does)::
 
     method = create_method(name, **hyperparameters)      # constructor: hyperparameters only
     method.modalities(available)    -> modalities to use (e.g. ``unimodal`` keeps one)
     method.build_model(spec)        -> MultimodalModel (default: encoders + chosen fusion)
-    method.setup(trainer)           # trainer gives model, optimizer, data, device, helpers
+    method.setup(handle)            # a TrainerHandle: model, optimizer, data, device, helpers
     for epoch:
         method.on_epoch_start(epoch)
         dataset = method.train_dataset(epoch, base_train)   # e.g. valuation re-sampling
@@ -20,26 +21,58 @@ Life cycle (all hooks optional except what the default already does)::
     method.predict(batch) -> Output                 # evaluation (eval mode, no grad)
     method.state_dict() / load_state_dict()         # whatever must survive --resume
 
-Helpers a step uses from the trainer: ``trainer.step(loss)`` (zero grads, backward, clip,
-optimizer step), or the pieces ``trainer.zero_grad()``, ``trainer.backward(loss)``,
-``trainer.optimizer_step()`` when gradients are modified in between; ``trainer.autocast()``;
-``trainer.all_reduce_mean(t)`` for batch statistics (identity on one process).
+Helpers a step uses from the handle (``self.trainer``): ``step(loss)`` (zero grads, backward,
+clip, optimizer step), or the pieces ``zero_grad()``, ``backward(loss)``, ``optimizer_step()``
+when gradients are modified in between; ``autocast()``; ``all_reduce_mean(t)`` /
+``all_reduce_sum(t)`` for batch statistics (identity on one process); ``batches(dataset)`` for
+an extra pass (device batches, eval mode unless ``train=True``, train mode restored after);
+``shard(dataset)`` for this rank's share of a per-epoch pass.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, ContextManager, Iterable, Iterator, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ..config import RunConfig
+from ..data.base import DataSplits
 from ..models import MultimodalModel, Output, create_encoder, create_fusion
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..engine.trainer import Trainer
+
+class TrainerHandle(Protocol):
+    """What a method may use of the engine that drives it (the engine's ``Trainer`` is one; a
+    loaded run for inference is another, with only ``model``, ``device`` and ``autocast``)."""
+
+    model: MultimodalModel
+    device: torch.device
+    cfg: RunConfig  # read only
+    data: DataSplits
+    optimizer: torch.optim.Optimizer
+    epoch: int  # 0-based
+    global_step: int
+    world_size: int
+    rank: int
+
+    def autocast(self) -> ContextManager[Any]: ...
+    def zero_grad(self) -> None: ...
+    def backward(self, loss: Tensor, **kwargs: Any) -> None: ...
+    def clip_gradients(self) -> float | None: ...
+    def optimizer_step(self) -> None: ...
+    def step(self, loss: Tensor) -> None: ...
+    def all_reduce_mean(self, t: Tensor) -> Tensor: ...
+    def all_reduce_sum(self, t: Tensor) -> Tensor: ...
+    def loader(self, dataset: Dataset, shuffle: bool = False, batch_size: int | None = None,
+               seed: int | None = None, drop_last: bool = False, shard: bool = False) -> Iterable[Any]: ...
+    def shard(self, dataset: Dataset) -> Dataset: ...
+    def batches(self, dataset: Dataset, *, train: bool = False, batch_size: int | None = None,
+                shuffle: bool = False, seed: int | None = None, drop_last: bool = False,
+                desc: str | None = None) -> Iterator[dict[str, Any]]: ...
+    def progress(self, iterable: Iterable[Any], **kwargs: Any) -> Iterable[Any]: ...
 
 
 @dataclass
@@ -78,7 +111,7 @@ class Method:
 
     def __init__(self) -> None:
         self._logs: dict[str, list[float]] = defaultdict(list)
-        self.trainer: Trainer | None = None
+        self.trainer: TrainerHandle | None = None
 
     # -- construction --------------------------------------------------------------------
     def modalities(self, available: list[str]) -> list[str]:
@@ -87,7 +120,7 @@ class Method:
     def build_model(self, spec: ModelSpec) -> MultimodalModel:
         return build_standard_model(spec)
 
-    def setup(self, trainer: "Trainer") -> None:
+    def setup(self, trainer: TrainerHandle) -> None:
         self.trainer = trainer
 
     @property
@@ -141,14 +174,10 @@ class Method:
         """Mean over the *validation* split (never test) of ``per_sample(z_m, y) -> (B,)`` for each
         modality's unimodal logits from :meth:`predict`, over samples where the modality is
         present; sums are all-reduced. The model is left in train mode."""
-        from ..engine.trainer import to_device
-
         tr = self.trainer
         mods = self.model.modalities
-        self.model.eval()
         sums = torch.zeros(len(mods), 2, dtype=torch.float64, device=tr.device)
-        for batch in tr.loader(tr.data.val):
-            batch = to_device(batch, tr.device)
+        for batch in tr.batches(tr.shard(tr.data.val)):
             with tr.autocast():
                 out = self.predict(batch)
             for i, m in enumerate(mods):
@@ -156,7 +185,6 @@ class Method:
                 sums[i, 0] += per_sample(out.unimodal_logits[m].float(), batch["label"])[p].double().sum()
                 sums[i, 1] += p.sum()
         sums = tr.all_reduce_sum(sums)
-        self.model.train()
         return {m: float(sums[i, 0] / sums[i, 1].clamp(min=1)) for i, m in enumerate(mods)}
 
     def in_window(self, epoch: int) -> bool:

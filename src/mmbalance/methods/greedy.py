@@ -259,6 +259,34 @@ def greedy_controller(state: dict[str, Any], speeds: Sequence[float] | None, unl
     return st
 
 
+def greedy_branch_losses(unimodal_logits: Sequence[Tensor], labels: Tensor, present: Sequence[Tensor],
+                         denominators: Sequence[Tensor | float]) -> list[Tensor]:
+    """The terms of the Greedy training loss, one per branch: ``sum_{i: m present} CE(z_m[i],
+    y_i) / n_m``. The loss is their *sum* (official ``train.py`` ``blend_loss`` applied by
+    ``framework.py`` to the per-branch outputs ``[x_0, x_1]``).
+
+    ``present[m]`` is the bool ``(B,)`` mask of samples where branch m's modality is present
+    (a branch is not trained on samples without its input); ``n_m`` = ``denominators[m]`` is
+    this process's share of the global count of such samples (the batch size when everything is
+    present in one process, so each term is the plain batch-mean CE). The mask multiplies rather
+    than indexes, so every parameter gets a gradient (zero when nothing is present) on every rank.
+    """
+    terms = []
+    for z, p, n in zip(unimodal_logits, present, denominators):
+        ce = F.cross_entropy(z.float(), labels, reduction="none")
+        terms.append((ce * p.to(ce.dtype)).sum() / n)
+    return terms
+
+
+def branch_denominators(global_counts: Tensor, world_size: int) -> Tensor:
+    """Each process's denominators for :func:`greedy_branch_losses`: its share ``N_m / world``
+    of the global count ``N_m`` of samples with modality m present, so that the gradients
+    averaged over processes are those of the global-batch mean. A count of 0 (its numerator is
+    0 too) counts as 1; the share itself is never clamped (``N_m = 1`` over two processes is
+    0.5 each)."""
+    return global_counts.clamp(min=1.0) / world_size
+
+
 def initial_controller_state() -> dict[str, Any]:
     return {"acc": [0.0, 0.0, 0.0, 0.0], "curating": False, "caring": None, "step": 0, "d": 0.0}
 
@@ -271,7 +299,11 @@ class Greedy(Method):
     each hidden layer is a stage) joined by MMTM blocks after ``mmtm_stages`` (default ResNet
     ``layer2, layer3, layer4`` as the Greedy code; MLP: every hidden layer); a linear head per
     branch; fused logits ``(z_0 + z_1) / 2`` (unimodal logits = each head; reported fusion
-    ``late``; ``--fusion`` is not used). Loss: ``CE(z, y)``. Inference: plain forward.
+    ``late``; ``--fusion`` is not used). Loss: ``CE(z_0, y) + CE(z_1, y)``, the sum of the
+    branch losses (official ``train.py`` ``blend_loss`` on the model's per-branch outputs; the
+    paper's Fig. 1 model predicts with the average ``(z_0 + z_1) / 2``, which is never trained
+    directly); each branch's CE is averaged over the samples where its modality is present
+    (:func:`greedy_branch_losses`). Inference: plain forward (the averaged logits).
 
     Conditional learning speed (Sec. 4; official ``Bias_Mitigation_Strong``): after each
     backward, for modality m, ``main_m`` = ``sum ||g||^2 / sum ||w||^2`` over its branch's
@@ -287,7 +319,10 @@ class Greedy(Method):
     Options:
         epsilon: imbalance threshold on ``|d|`` (default 0.01; BalanceBenchmark uses 0.001).
         window: re-balancing window in steps (default 5).
-        start_epoch: first (0-based) epoch where re-balancing may start (default 2).
+        start_epoch: first 0-based epoch where re-balancing may start (default 1, the second
+            epoch: the official ``Bias_Mitigation_Strong(starting_epoch=2)`` counts epochs from
+            1 (``framework.py`` ``for epoch in range(1, epochs + 1)``, unlocked when
+            ``epoch >= starting_epoch``).
         mmtm_stages: stages followed by an MMTM (ResNet: ``stem``, ``layer1`` .. ``layer4``;
             MLP: ``hidden1`` ..).
         reduction: MMTM bottleneck ratio, width ``2 (C_0 + C_1) / reduction`` (default 4).
@@ -301,22 +336,28 @@ class Greedy(Method):
     computed from modality 1's excitation (the official MMTM updates it from modality 0's — a
     bug that also breaks unequal widths); the running means are updated in training forwards
     only (the official code also updates them on evaluation passes) and are model buffers
-    (saved in checkpoints); speeds are accumulated from the first step as in the official code
-    (the spec's "from epoch 2" applies to re-balancing decisions). Two modalities only.
+    (saved in checkpoints); speeds are accumulated from the first step, before re-balancing is
+    unlocked too, as the official callback does. Missing modalities (not in the official code):
+    a branch's CE skips the samples where its modality is absent. Two modalities only.
     Diagnostics: ``bdr_<modality>``, ``bdr_diff``, ``rebalance_frac`` (share of steps trained
-    with curation), ``caring_<modality>`` (share of steps caring for it). Cost: the MMTM
-    compute plus one grad/weight-norm pass per step (~+10-20%).
+    with curation), ``caring_<modality>`` (share of steps caring for it), ``loss_<modality>``
+    (each branch's CE). Cost: the MMTM compute plus one grad/weight-norm pass per step
+    (~+10-20%).
     """
 
     required_fusion = "late"
 
-    def __init__(self, epsilon: float = 0.01, window: int = 5, start_epoch: int = 2,
+    def __init__(self, epsilon: float = 0.01, window: int = 5, start_epoch: int = 1,
                  mmtm_stages: list[str] | None = None, reduction: float = 4, excitation: str = "2sigmoid"):
         super().__init__()
         if excitation not in EXCITATIONS:
             raise ConfigError(f"greedy option excitation must be one of {', '.join(EXCITATIONS)}, got {excitation!r}")
         if int(window) < 1:
             raise ConfigError(f"greedy option window must be >= 1, got {window}")
+        if int(start_epoch) < 0:
+            raise ConfigError(f"greedy option start_epoch must be >= 0 (0-based epoch), got {start_epoch}")
+        if not float(epsilon) >= 0:
+            raise ConfigError(f"greedy option epsilon must be >= 0, got {epsilon}")
         if not float(reduction) > 0:
             raise ConfigError(f"greedy option reduction must be > 0, got {reduction}")
         if isinstance(mmtm_stages, str):
@@ -379,17 +420,24 @@ class Greedy(Method):
                 out = model(batch["inputs"], batch["present"])
         finally:
             model.curation = None
-        loss = self.ce(out.logits, batch["label"])
+        mods = model.modalities
+        present = [batch["present"][m] for m in mods]
+        # each branch's CE is a mean over its present samples of the *global* batch: the counts are
+        # summed over ranks, and each rank divides by its share (gradients are averaged over ranks)
+        counts = tr.all_reduce_sum(torch.stack([p.sum() for p in present]).to(torch.float32))
+        share = branch_denominators(counts, tr.world_size)
+        terms = greedy_branch_losses([out.unimodal_logits[m] for m in mods], batch["label"], present, list(share))
+        loss = terms[0] + terms[1]
         tr.zero_grad()
         tr.backward(loss)
         speeds = None if curated else self.step_speeds()
         self.controller = greedy_controller(ctl, speeds, tr.epoch >= self.start_epoch, self.epsilon, self.window)
         tr.optimizer_step()
         acc = self.controller["acc"]
-        mods = model.modalities
         for i, m in enumerate(mods):
             self.log(f"bdr_{m}", bdr(acc[i], acc[2 + i]))
             self.log(f"caring_{m}", float(curated and ctl["caring"] == i))
+            self.log(f"loss_{m}", terms[i].detach())
         self.log("bdr_diff", self.controller["d"])
         self.log("rebalance_frac", float(curated))
         return {"loss": float(loss.detach())}

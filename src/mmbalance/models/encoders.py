@@ -41,7 +41,7 @@ def create_encoder(name: str, input_shape: Sequence[int], **options: Any) -> nn.
     """Build a registered encoder for inputs of shape ``input_shape`` (no batch axis)."""
     _import_all()
     factory = ENCODERS.get(name)
-    check_options("encoder", name, factory, options, skip=("input_shape",))
+    options = check_options("encoder", name, factory, options, skip=("input_shape",))
     enc = factory(input_shape=tuple(input_shape), **options)
     if not isinstance(getattr(enc, "out_dim", None), int):
         raise TypeError(f"encoder '{name}' must expose an integer out_dim")

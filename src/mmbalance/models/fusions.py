@@ -47,7 +47,7 @@ def list_fusions() -> list[str]:
 
 def create_fusion(name: str, feature_dims: dict[str, int], num_classes: int, **options: Any) -> "Fusion":
     cls = FUSIONS.get(name)
-    check_options("fusion", name, cls, options, skip=("feature_dims", "num_classes"))
+    options = check_options("fusion", name, cls, options, skip=("feature_dims", "num_classes"))
     return cls(feature_dims=dict(feature_dims), num_classes=num_classes, **options)
 
 
