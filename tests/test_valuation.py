@@ -1,4 +1,7 @@
-"""Sample-level and modality-level valuation: Shapley contributions, resampling rules, datasets."""
+"""Sample-level and modality-level valuation: Shapley contributions (exact), resampling rules,
+datasets, the training step on unimodal items (only the kept encoder and the head learn from
+them), the valuation pass's mode, warm-up boundaries, resume, and the same plan on any number of
+processes."""
 from __future__ import annotations
 
 import itertools
@@ -11,12 +14,14 @@ from mmbalance.config import load_config
 from mmbalance.data.base import ArrayDataset, DataSplits
 from mmbalance.engine.trainer import Trainer
 from mmbalance.evaluation.contribution import modality_contributions, use_absent_policy
-from mmbalance.evaluation.shapley import shapley_values, subset_members
+from mmbalance.evaluation.shapley import shapley_numerators, shapley_values, subset_members
 from mmbalance.methods import create_method
 from mmbalance.methods.base import ModelSpec, build_standard_model
 from mmbalance.methods.valuation import (ResampledDataset, contribution_gap, modality_resample_rate,
                                          normalize_gap, resample_counts)
 from mmbalance.registry import ConfigError
+
+from helpers import capture_step_grads
 
 torch.set_num_threads(1)
 
@@ -90,9 +95,11 @@ def tiny_splits(M=2, n=48, dim=6, classes=3, seed=0):
                       encoder_options={m: {"hidden": [8]} for m in mods})
 
 
-def trainer_for(method, splits, policy="input", epochs=2, **options):
+def trainer_for(method, splits, policy="input", epochs=2, encoder=None, seed=0, **options):
     over = {"train.epochs": epochs, "method.name": method, "train.progress": "off", "train.probe": False,
-            "train.batch_size": 16, "model.absent_policy": policy, "train.device": "cpu"}
+            "train.batch_size": 16, "model.absent_policy": policy, "train.device": "cpu", "train.seed": seed}
+    if encoder is not None:
+        over["model.encoder_options"] = encoder
     over.update({f"method.{k}": v for k, v in options.items()})
     return Trainer(load_config(None, over), data=splits)
 
@@ -120,6 +127,20 @@ def test_largest_single_contribution_is_half_M_plus_one(M):
     # which is the unit Norm(d) divides by
     v = torch.tensor([[bin(S).count("1") * float(S & 1)] for S in range(2**M)], dtype=torch.float64)
     assert float(shapley_values(v)[0, 0]) == pytest.approx((M + 1) / 2)
+
+
+@pytest.mark.parametrize("M", [2, 3, 4])
+def test_integer_shapley_is_exact(M):
+    g = torch.Generator().manual_seed(M)
+    correct = torch.randint(0, 2, (2**M, 40), generator=g)
+    v = torch.tensor([bin(S).count("1") for S in range(2**M)])[:, None] * correct
+    v[0] = 0
+    num = shapley_numerators(v.double())
+    assert num.dtype == torch.int64
+    assert torch.equal(num, (brute_force_shapley(v.double(), M) * math.factorial(M)).round().long())
+    assert torch.equal(num.sum(0), v[-1] * math.factorial(M))  # efficiency, exactly
+    with pytest.raises(ValueError):
+        shapley_numerators(torch.full((2**M, 2), 0.5))
 
 
 @pytest.mark.parametrize("policy", ["input", "feature"])
@@ -223,6 +244,8 @@ def test_resampled_dataset_copies_carry_only_their_modality():
             assert bool(item["present"][m]) == (m == m_keep)
             expect = before[m][src] if m == m_keep else torch.zeros(4)
             assert torch.equal(item["inputs"][m], expect)
+            assert bool(item["dropped"][m]) == (m != m_keep)  # removed by the method, not missing in the data
+    assert all(not bool(ds[k]["dropped"][m]) for k in range(5) for m in mods)
     assert all(torch.equal(base.arrays[m], before[m]) for m in mods)  # base never modified
 
 
@@ -371,3 +394,231 @@ def test_options_are_validated():
                            "fixed_rate": 0.2, "mask_ratio": 0.5, "absent_policy": None}
     with pytest.raises(ConfigError):
         m.modalities(["only"])
+
+
+# ----------------------------------------------------------------------------- training on unimodal items
+
+BN = {"batchnorm": True, "dropout": 0.0}
+
+
+def _collate(items):
+    return torch.utils.data.default_collate(items)
+
+
+def _bn_buffers(module):
+    return {n: b.clone() for n, b in module.named_buffers()}
+
+
+def _reference_grads(model, batch):
+    """The rule written out by hand: for each modality, the encoder runs (train mode) only on the
+    rows the method did not remove; removed rows get the absent policy's constant feature (eval
+    mode, no gradient); CE of the fused logits over all rows. Returns (grads, model after the
+    forward: its BatchNorm buffers moved by the real rows only)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    model.train()
+    feats = {}
+    for m in model.modalities:
+        d = batch["dropped"][m]
+        rows = (~d).nonzero().flatten()
+        with torch.no_grad():
+            enc = copy.deepcopy(model.encoders[m]).eval()
+            if model.absent_policy == "input":
+                const = enc(torch.zeros(1, *batch["inputs"][m].shape[1:]))
+            else:
+                const = torch.zeros(1, model.feature_dim(m))
+        h = model.encoders[m](batch["inputs"][m][rows])
+        full = [h[(rows == i).nonzero()[0, 0]] if bool((rows == i).any()) else const[0] for i in range(len(d))]
+        feats[m] = torch.stack(full)
+    out = model.fuse(feats, batch["present"])
+    loss = torch.nn.functional.cross_entropy(out.logits, batch["label"])
+    names, params = zip(*model.named_parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return {n: g for n, g in zip(names, grads) if g is not None}, model
+
+
+@pytest.mark.parametrize("policy", ["input", "feature"])
+def test_a_copy_trains_only_its_kept_modality(policy):
+    """A batch of copies of m0 only: encoder m1 gets an exactly zero gradient and its BatchNorm
+    statistics do not move (before the fix: gradient 0.1 under ``input``; BatchNorm absorbed the
+    zero inputs under both policies)."""
+    splits = tiny_splits(M=2)
+    tr = trainer_for("sample_valuation", splits, policy=policy, encoder=BN)
+    ds = ResampledDataset(splits.train, tr.model.modalities, copy_index=torch.arange(8),
+                          copy_modality=torch.zeros(8, dtype=torch.long))
+    batch = _collate([ds[48 + i] for i in range(8)])
+    before = _bn_buffers(tr.model.encoders["m1"])
+    got = capture_step_grads(tr, batch)
+    b_grads = {n: g for n, g in got.items() if n.startswith("encoders.m1.")}
+    assert b_grads and all(torch.equal(g, torch.zeros_like(g)) for g in b_grads.values())
+    assert any(float(g.abs().sum()) > 0 for n, g in got.items() if n.startswith("encoders.m0."))
+    assert any(float(g.abs().sum()) > 0 for n, g in got.items() if n.startswith("fusion."))
+    after = _bn_buffers(tr.model.encoders["m1"])
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("policy", ["input", "feature"])
+def test_mixed_batch_step_equals_hand_written_reference(policy):
+    """Originals and copies of both modalities in one batch: the gradients the optimizer gets and
+    the BatchNorm statistics after the step equal the hand-written rule (encoders see only their
+    real rows; a single real row is normalised with the running statistics)."""
+    splits = tiny_splits(M=3)
+    tr = trainer_for("sample_valuation", splits, policy=policy, encoder=BN)
+    mods = tr.model.modalities
+    # copies: m0 of samples 0-3, m1 of 4-7, m2 of sample 8 (m2 then has 6 originals + 1 copy)
+    ds = ResampledDataset(splits.train, mods, copy_index=torch.arange(9),
+                          copy_modality=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2]))
+    batch = _collate([ds[k] for k in range(6)] + [ds[48 + i] for i in range(9)])
+    want, ref_model = _reference_grads(tr.model, batch)
+    got = capture_step_grads(tr, batch)
+    assert set(got) == set(want)
+    for n in want:
+        assert torch.allclose(got[n], want[n], rtol=1e-4, atol=1e-7), n
+    ref_buffers = dict(ref_model.named_buffers())
+    for n, b in tr.model.named_buffers():
+        assert torch.allclose(b.float(), ref_buffers[n].float(), atol=1e-6), n
+    # one real row only: BatchNorm in eval mode for that encoder, no error
+    single = _collate([ds[0]] + [ds[48 + i] for i in range(4)])  # m1, m2 real only in row 0
+    running = tr.model.encoders["m1"].net[2].running_mean.clone()
+    tr.method.training_step(single)
+    assert torch.equal(tr.model.encoders["m1"].net[2].running_mean, running)
+
+
+def test_modality_drop_items_train_only_the_kept_modality():
+    splits = tiny_splits(M=2)
+    tr = trainer_for("modality_valuation", splits, encoder=BN)
+    keep = torch.ones(48, 2, dtype=torch.bool)
+    keep[:, 1] = False  # every item keeps only m0
+    ds = ResampledDataset(splits.train, tr.model.modalities, keep=keep)
+    batch = _collate([ds[k] for k in range(8)])
+    assert batch["dropped"]["m1"].all() and not batch["dropped"]["m0"].any()
+    before = _bn_buffers(tr.model.encoders["m1"])
+    got = capture_step_grads(tr, batch)
+    assert all(torch.equal(g, torch.zeros_like(g)) for n, g in got.items() if n.startswith("encoders.m1."))
+    assert all(torch.equal(b, _bn_buffers(tr.model.encoders["m1"])[n]) for n, b in before.items())
+
+
+@pytest.mark.parametrize("method", ["sample_valuation", "modality_valuation"])
+def test_valuation_pass_runs_in_eval_mode_and_leaves_train_mode(method):
+    splits = tiny_splits(M=2)
+    extra = {"subset_ratio": 1.0} if method == "modality_valuation" else {}
+    tr = trainer_for(method, splits, encoder={"batchnorm": True, "dropout": 0.5}, warmup_epochs=0, **extra)
+    model = tr.model
+    model.train()
+    for b in list(tr.loader(splits.train, batch_size=16))[:2]:
+        tr.method.training_step(b)  # non-trivial running statistics
+    modes = []
+    hooks = [mod.register_forward_pre_hook(lambda mod, inp: modes.append(mod.training))
+             for mod in model.modules() if isinstance(mod, (torch.nn.BatchNorm1d, torch.nn.Dropout))]
+    before = _bn_buffers(model)
+    tr.method.on_epoch_start(0)
+    for h in hooks:
+        h.remove()
+    assert modes and not any(modes)  # every BatchNorm / Dropout ran in eval mode
+    assert all(mod.training for mod in model.modules())  # train mode again afterwards
+    assert all(torch.equal(b, _bn_buffers(model)[n]) for n, b in before.items())
+    assert tr.method._dataset_args is not None
+
+
+@pytest.mark.parametrize("method", ["sample_valuation", "modality_valuation"])
+@pytest.mark.parametrize("epoch,active", [(0, False), (1, False), (2, True), (3, True)])
+def test_warmup_boundary(method, epoch, active):
+    """warmup_epochs = 2: no valuation pass and the plain split in epochs 0 and 1 (the last warm-up
+    epoch); valued and re-sampled from epoch 2 (the first) on."""
+    splits = tiny_splits(M=2)
+    extra = {"fixed_rate": 0.5} if method == "modality_valuation" else {}
+    tr = trainer_for(method, splits, warmup_epochs=2, **extra)
+    calls = []
+    value = tr.method._contributions
+    tr.method._contributions = lambda positions=None: (calls.append(1), value(positions))[1]
+    tr.method.on_epoch_start(epoch)
+    ds = tr.method.train_dataset(epoch, splits.train)
+    assert bool(calls) == active
+    assert (ds is splits.train) == (not active)
+    if active:
+        assert isinstance(ds, ResampledDataset) and len(ds) > len(splits.train)
+
+
+@pytest.mark.parametrize("method", ["sample_valuation", "modality_valuation"])
+def test_resume_gives_the_same_plan_and_next_step(method):
+    """The plan is a function of the weights, the seed and the epoch only: a fresh trainer (other
+    initial weights, other global RNG state) loaded with model, optimizer and method state builds
+    the same epoch set and takes the same next step."""
+    import copy
+
+    splits = tiny_splits(M=3)
+    extra = {"subset_ratio": 0.5} if method == "modality_valuation" else {}
+    tr = trainer_for(method, splits, warmup_epochs=1, **extra)
+    for b in list(tr.loader(splits.train, batch_size=16)):
+        tr.method.training_step(b)
+    state = copy.deepcopy({"model": tr.model.state_dict(), "optimizer": tr.optimizer.state_dict(),
+                           "method": tr.method.state_dict()})
+    other = trainer_for(method, splits, warmup_epochs=1, **extra)
+    with torch.no_grad():
+        for q in other.model.parameters():
+            q.add_(torch.randn_like(q))
+    other.model.load_state_dict(state["model"])
+    other.optimizer.load_state_dict(state["optimizer"])
+    other.method.load_state_dict(state["method"])
+    torch.rand(7)  # a different global RNG state must not matter
+    plans = []
+    for t in (tr, other):
+        t.epoch = 1
+        t.method.on_epoch_start(1)
+        plans.append(t.method.train_dataset(1, splits.train))
+    assert len(plans[0]) == len(plans[1]) > 48
+    assert torch.equal(plans[0].copy_index, plans[1].copy_index)
+    assert torch.equal(plans[0].copy_modality, plans[1].copy_modality)
+    batch = _collate([plans[0][k] for k in range(len(plans[0]) - 16, len(plans[0]))])
+    torch.manual_seed(5)
+    g1 = capture_step_grads(tr, batch)
+    torch.manual_seed(5)
+    g2 = capture_step_grads(other, batch)
+    assert set(g1) == set(g2) and all(torch.equal(g1[n], g2[n]) for n in g1)
+
+
+@pytest.mark.parametrize("method", ["sample_valuation", "modality_valuation"])
+def test_plan_is_the_same_on_any_number_of_processes(method, monkeypatch):
+    """Simulated 1, 2 and 3 processes (rank and world patched; all_reduce_sum gathers the ranks'
+    tables): every sample is valued in the same evaluation batch as on one process, the integer
+    tables add up exactly, and the plan and its diagnostics are bit-identical."""
+    import mmbalance.methods.valuation as V
+
+    splits = tiny_splits(M=3, n=50)
+    extra = {"subset_ratio": 0.6} if method == "modality_valuation" else {}
+    tr = trainer_for(method, splits, warmup_epochs=0, **extra)
+    monkeypatch.setattr(tr.cfg.train, "eval_batch_size", 8)  # several evaluation batches
+    batches = []
+    real = V.modality_contributions
+
+    def recording(model, loader, **kw):
+        got = list(loader)
+        batches.extend(tuple(b["index"].tolist()) for b in got)
+        return real(model, got, **kw)
+
+    monkeypatch.setattr(V, "modality_contributions", recording)
+
+    def plan(world):
+        batches.clear()
+        tables = []
+        for rank in range(world):  # each rank's own share (its plan is discarded)
+            monkeypatch.setattr(Trainer, "rank", property(lambda self: rank))
+            monkeypatch.setattr(Trainer, "world_size", property(lambda self: world))
+            monkeypatch.setattr(tr, "all_reduce_sum", lambda t: (tables.append(t.clone()), t)[1])
+            tr.method.on_epoch_start(0)
+        assert len(tables) == world and all(t.dtype == torch.int64 for t in tables)
+        rank_batches = list(batches)
+        total = sum(tables)
+        monkeypatch.setattr(tr, "all_reduce_sum", lambda t: total.clone())
+        tr.method.epoch_diagnostics()  # forget the discarded plans' logs
+        tr.method.on_epoch_start(0)
+        return rank_batches, dict(tr.method._dataset_args), tr.method.epoch_diagnostics()
+
+    batches1, plan1, diag1 = plan(1)
+    assert len(batches1) > 3 and diag1["copies/m0"] + diag1["copies/m1"] + diag1["copies/m2"] > 0
+    for world in (2, 3):
+        b, p, d = plan(world)
+        assert sorted(b) == sorted(batches1)  # the same batches, dealt to the ranks
+        assert p.keys() == plan1.keys() and all(torch.equal(p[k], plan1[k]) for k in p)
+        assert d == diag1

@@ -201,6 +201,16 @@ def cmd_list(args: argparse.Namespace, rest: Sequence[str]) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    if rest:
+        raise ConfigError(f"unexpected arguments: {' '.join(rest)}")
+    from .experiments.plots import plot_run
+
+    png, csv_path = plot_run(args.run, args.output)
+    print(f"wrote {png} and {csv_path}")
+    return 0
+
+
 def cmd_preprocess(args: argparse.Namespace, rest: Sequence[str]) -> int:
     if rest:
         raise ConfigError(f"unexpected arguments: {' '.join(rest)}")
@@ -230,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a method (default: joint + concat on the embedded data)",
                        description="Train a method. Any config key is a dotted flag: --optim.lr 0.05, "
                                    "--method.T 8, --dataset.root DIR, --train.deterministic.")
-    t.add_argument("--config", help="YAML config file (defaults < file < flags)")
+    t.add_argument("--config", action="append", help="YAML config file (defaults < files < flags); may be "
+                   "given several times, later files win")
     t.add_argument("--dataset", help="dataset name or path to a .npz features file")
     t.add_argument("--method", help="method name (see `mmbalance list methods`)")
     t.add_argument("--fusion", help="fusion name")
@@ -246,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated modalities to use, e.g. pix,fou,zer")
     t.add_argument("--output-dir", dest="output_dir", help="run folder (default runs/<dataset>-<method>-...)")
     t.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR")
+    t.add_argument("--logger", action="append", choices=["csv", "tensorboard"],
+                   help="also log to metrics.csv / TensorBoard (metrics.jsonl is always written)")
     t.add_argument("--deterministic", action="store_true", help="deterministic algorithms")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
@@ -258,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("what", nargs="?", choices=["methods", "fusions", "encoders", "datasets"])
     ls.add_argument("name", nargs="?", help="describe this one: every option with type, default and meaning")
     ls.set_defaults(func=cmd_list)
+
+    pl = sub.add_parser("plot", help="curves of a run: per-modality validation accuracy and every diagnostic")
+    pl.add_argument("run", metavar="RUN", help="run folder")
+    pl.add_argument("--output", help="folder for curves.png / curves.csv (default: the run folder)")
+    pl.set_defaults(func=cmd_plot)
 
     b = sub.add_parser("build-data", help="generate the av_digits dataset ahead of training (else built on first use)")
     b.add_argument("dataset", choices=["av_digits"])

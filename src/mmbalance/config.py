@@ -111,6 +111,7 @@ class TrainConfig:
     probe: linear-probe accuracy of each frozen encoder at the end.
     progress: progress bars: auto (when stderr is a terminal), on or off.
     stop_after_epochs: stop this invocation after N epochs (continue with --resume).
+    loggers: extra loggers besides metrics.jsonl: csv (metrics.csv) and/or tensorboard.
     """
 
     epochs: PosInt = 40
@@ -126,6 +127,7 @@ class TrainConfig:
     probe: bool = True
     progress: Literal["auto", "on", "off"] = "auto"
     stop_after_epochs: PosInt | None = None
+    loggers: list[Literal["csv", "tensorboard"]] = field(default_factory=list)
 
 
 @dataclass
@@ -199,19 +201,34 @@ def _normalise_sections(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    """The mappings of a YAML config file, its ``base:`` files (relative to it) first."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    if p.resolve() in seen:
+        raise ConfigError(f"config file {p} includes itself through 'base:'")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of config keys, got {type(data).__name__}")
+    bases = data.pop("base", None) or []
+    out: list[dict[str, Any]] = []
+    for b in [bases] if isinstance(bases, str) else bases:
+        out += _read_yaml((p.parent / str(b)), (*seen, p.resolve()))
+    return [*out, data]
+
+
+def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides: dict[str, Any] | None = None,
                 base: RunConfig | None = None) -> RunConfig:
-    """Resolve a config: ``base`` (or defaults) < YAML file at ``path`` < dotted ``overrides``."""
+    """Resolve a config: ``base`` (or defaults) < YAML file(s) at ``path`` (later files win; a
+    file may name its own ``base:`` files) < dotted ``overrides``."""
     cfg = base if base is not None else RunConfig()
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        _merge_section(cfg, _normalise_sections(data), "")
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    for one in paths:
+        for data in _read_yaml(Path(one)):
+            _merge_section(cfg, _normalise_sections(data), "")
     if overrides:
         _merge_section(cfg, _normalise_sections(_nest(overrides)), "")
     return cfg
@@ -247,7 +264,7 @@ def dump_yaml(cfg: RunConfig) -> str:
 # Keys that change how a run is executed or shown, not what it computes: a run folder whose
 # configuration differs only in these is the same run (its results stand).
 FINGERPRINT_IGNORES = ("output_dir", "train.progress", "train.num_workers", "train.stop_after_epochs",
-                       "train.device")
+                       "train.device", "train.loggers")
 
 
 def config_fingerprint(cfg: RunConfig | dict[str, Any]) -> str:
@@ -289,7 +306,7 @@ SHORT_FLAGS = {
     "dataset": "dataset.name", "method": "method.name", "fusion": "model.fusion", "encoder": "model.encoder",
     "epochs": "train.epochs", "seed": "train.seed", "batch_size": "train.batch_size", "lr": "optim.lr",
     "optimizer": "optim.name", "scheduler": "optim.scheduler", "device": "train.device",
-    "modalities": "dataset.modalities", "output_dir": "output_dir",
+    "modalities": "dataset.modalities", "output_dir": "output_dir", "logger": "train.loggers",
 }
 
 

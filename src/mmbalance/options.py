@@ -226,8 +226,10 @@ def coerce_value(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         inner = args[0] if args else Any
-        out = [coerce_value(v, Annotated[(inner, *meta)] if meta else inner, where) for v in value]
-        return out
+        try:
+            return [coerce_value(v, Annotated[(inner, *meta)] if meta else inner, where) for v in value]
+        except ConfigError:
+            fail()
     elif typing.get_origin(base) in _MAP or base in (dict,):
         if not isinstance(value, Mapping):
             fail()

@@ -38,6 +38,7 @@ from . import distributed as dist_utils
 from .assembly import (amp_dtype, build_method, check_config, fusion_name, model_spec, resolve_config,
                        resolve_device, spec_to_dict)
 from .inference import predict_batches, split_metrics
+from .loggers import build_loggers
 from .optim import build_optimizer, build_scheduler
 from .rundir import RunFolder, deferred_interrupts, load_model_state
 
@@ -211,6 +212,8 @@ class Trainer:
         self.folder.remove_stale_temporaries()
         self.folder.write_spec_if_missing(spec_to_dict(self.spec))
         self.folder.attach_log()
+        if self.writes:
+            self.loggers = build_loggers(self.cfg.train.loggers, self.run_dir)
 
     def resolved_config(self) -> RunConfig:
         """The config with the method's full hyperparameters filled in (for config.yaml)."""
@@ -275,6 +278,8 @@ class Trainer:
         finally:
             if self.folder is not None:
                 self.folder.detach_log()
+            for lg in getattr(self, "loggers", []):
+                lg.close()
 
     def _fit(self) -> dict[str, Any] | None:
         tc = self.cfg.train
@@ -322,6 +327,8 @@ class Trainer:
                                                      "method": self.method.state_dict(), "epoch": epoch},
                                          self.fingerprint)
                     self.folder.append_metrics(record)
+                    for lg in getattr(self, "loggers", []):
+                        lg.log(record)
                     self.folder.save("last.pt", self._checkpoint_state(epoch), self.fingerprint)
             elif improved:  # no run folder, or a rank that does not write: keep the best in memory
                 self._best_in_memory = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},

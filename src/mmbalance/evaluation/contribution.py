@@ -14,7 +14,9 @@ given here (for this computation only). The pass runs in eval mode and encodes e
 once: every subset is a *head* evaluation with the absent modalities' constant features
 substituted (:meth:`MultimodalModel.fuse_subset`), i.e. 2^M - 1 head evaluations per batch.
 A modality that is missing for a sample in the data (``present`` False) is absent in every
-subset for that sample.
+subset for that sample. The game is integer-valued, so phi is computed exactly
+(:func:`~mmbalance.evaluation.shapley.shapley_numerators`): ``numerators=True`` returns the
+int64 ``M! * phi``, which can be summed over processes without any rounding.
 
 >>> import torch
 >>> from mmbalance.models import MultimodalModel, create_encoder, create_fusion
@@ -29,6 +31,7 @@ torch.Size([5, 2])
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -36,7 +39,7 @@ from torch import Tensor
 
 from ..models.model import ABSENT_POLICIES, MultimodalModel
 from ..registry import ConfigError
-from .shapley import shapley_values, subset_members
+from .shapley import shapley_numerators, subset_members
 
 __all__ = ["use_absent_policy", "subset_values", "batch_contributions", "modality_contributions"]
 
@@ -78,8 +81,10 @@ def subset_values(model: MultimodalModel, features: Mapping[str, Tensor], labels
 
 @torch.no_grad()
 def batch_contributions(model: MultimodalModel, inputs: Mapping[str, Tensor], present: Mapping[str, Tensor] | None,
-                        labels: Tensor, absent: Mapping[str, Tensor] | None = None) -> Tensor:
-    """Shapley contributions (B, M) for one batch, at the model's current mode and policy.
+                        labels: Tensor, absent: Mapping[str, Tensor] | None = None,
+                        numerators: bool = False) -> Tensor:
+    """Shapley contributions (B, M) for one batch, at the model's current mode and policy:
+    float64 phi, or the exact int64 ``M! * phi`` with ``numerators=True``.
 
     Callers put the model in eval mode (see :func:`modality_contributions`); ``absent`` may hold
     precomputed :meth:`MultimodalModel.absent_features` to reuse across batches.
@@ -92,7 +97,10 @@ def batch_contributions(model: MultimodalModel, inputs: Mapping[str, Tensor], pr
         p = present.get(m)
         if p is not None and not bool(p.all()):  # missing in the data: absent in every subset
             feats[m] = torch.where(p.view(-1, 1), f, absent[m].to(f.dtype).expand_as(f))
-    return shapley_values(subset_values(model, feats, labels, absent)).T.contiguous()
+    num = shapley_numerators(subset_values(model, feats, labels, absent)).T.contiguous()
+    if numerators:
+        return num
+    return num.to(torch.float64) / math.factorial(len(model.modalities))
 
 
 @torch.no_grad()
@@ -100,9 +108,10 @@ def modality_contributions(model: MultimodalModel, loader: Iterable[Mapping[str,
                            absent_policy: str | None = None, device: torch.device | str | None = None,
                            autocast: Callable[[], Any] | None = None,
                            progress: Callable[..., Iterable] | None = None,
-                           return_index: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                           return_index: bool = False, numerators: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Per-sample Shapley contributions ``phi`` (N, M) over ``loader`` (columns in
-    ``model.modalities`` order, rows in the loader's order).
+    ``model.modalities`` order, rows in the loader's order): float32 phi, or the exact int64
+    ``M! * phi`` with ``numerators=True``.
 
     Args:
         model: the :class:`MultimodalModel` (put in eval mode for the pass, mode restored after).
@@ -113,6 +122,7 @@ def modality_contributions(model: MultimodalModel, loader: Iterable[Mapping[str,
         autocast: a context-manager factory for mixed precision (e.g. ``trainer.autocast``).
         progress: wraps the loader (e.g. ``trainer.progress``).
         return_index: also return the batches' ``index`` entries (N,), i.e. the dataset positions.
+        numerators: return ``M! * phi`` as int64 (exact; sum it over processes, divide by M!).
     """
     from ..engine.trainer import to_device
 
@@ -133,14 +143,14 @@ def modality_contributions(model: MultimodalModel, loader: Iterable[Mapping[str,
                         absent = model.absent_features(
                             {m: torch.zeros(1, model.feature_dim(m), device=device) for m in model.modalities})
                     phis.append(batch_contributions(model, batch["inputs"], batch.get("present"),
-                                                    batch["label"], absent).float().cpu())
+                                                    batch["label"], absent, numerators=True).cpu())
                 if return_index:
                     index.append(torch.as_tensor(batch["index"]).cpu())
     finally:
         model.train(was_training)
     M = len(model.modalities)
-    phi = torch.cat(phis) if phis else torch.zeros(0, M)
+    num = torch.cat(phis) if phis else torch.zeros(0, M, dtype=torch.int64)
+    phi = num if numerators else (num.to(torch.float64) / math.factorial(M)).float()
     if return_index:
         return phi, (torch.cat(index) if index else torch.zeros(0, dtype=torch.long))
     return phi
-

@@ -4,6 +4,10 @@ Subsets of M modalities are encoded as bit masks 0 .. 2^M - 1 (bit i set = modal
 Given the value v(S) of every subset (any trailing shape: per sample, per class logit, ...),
 
     phi_i = sum_{S not containing i} |S|! (M - |S| - 1)! / M! * (v(S + i) - v(S)).
+
+For integer-valued games (e.g. the correctness game of sample valuation) :func:`shapley_numerators`
+gives ``M! * phi`` exactly in integer arithmetic, so the result does not depend on the order of
+any floating-point sum (batching, number of processes).
 """
 from __future__ import annotations
 
@@ -32,6 +36,42 @@ def shapley_matrix(M: int) -> Tensor:
             A[i, S | (1 << i)] += w
             A[i, S] -= w
     return A
+
+
+@lru_cache(maxsize=None)
+def shapley_integer_matrix(M: int) -> Tensor:
+    """(M, 2^M) int64 matrix ``M! * A`` (see :func:`shapley_matrix`): every weight
+    ``|S|! (M - |S| - 1)!`` is an integer."""
+    A = torch.zeros(M, 2**M, dtype=torch.int64)
+    for i in range(M):
+        for S in range(2**M):
+            if S >> i & 1:
+                continue
+            s = bin(S).count("1")
+            w = math.factorial(s) * math.factorial(M - s - 1)
+            A[i, S | (1 << i)] += w
+            A[i, S] -= w
+    return A
+
+
+def shapley_numerators(values: Tensor) -> Tensor:
+    """``M! * phi`` (int64, shape (M, ...)) for an *integer-valued* game ``values`` (2^M, ...).
+
+    Exact: ``phi = shapley_numerators(v) / M!`` is the correctly rounded Shapley value whatever
+    the batch or device, and sums of numerators (e.g. over processes) are exact.
+
+    >>> shapley_numerators(torch.tensor([0, 1, 0, 2])).tolist()   # phi = [1.5, 0.5] times 2!
+    [3, 1]
+    """
+    n = values.shape[0]
+    M = n.bit_length() - 1
+    if 2**M != n:
+        raise ValueError(f"expected 2^M subset values, got {n}")
+    v = values.round().to(torch.int64) if values.is_floating_point() else values.to(torch.int64)
+    if values.is_floating_point() and not bool((v.to(values.dtype) == values).all()):
+        raise ValueError("shapley_numerators needs an integer-valued game")
+    A = shapley_integer_matrix(M).to(v.device)
+    return (A @ v.reshape(n, -1)).reshape(M, *values.shape[1:])
 
 
 def shapley_values(values: Tensor) -> Tensor:

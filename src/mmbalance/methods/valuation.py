@@ -4,8 +4,9 @@ Cooperation via Sample-level Modality Valuation", CVPR 2024).
 Both methods value every modality's contribution to a sample's fused prediction with exact
 Shapley values (:func:`mmbalance.evaluation.contribution.modality_contributions`, v(S) =
 |S| * correct) and then enhance the low-contributing modality by adding training items that
-carry only that modality. Training itself is plain joint training on the enlarged set (as the
-official code does; the paper's separate encoder-only stage does not exist there either).
+carry only that modality. Training itself is joint training on the enlarged set (as the
+official code does; the paper's separate encoder-only stage does not exist there either), in
+which a unimodal item trains only its kept modality's encoder and the head.
 
 The pure rules live here as small functions: :func:`resample_counts` (supplement Eq. 7),
 :func:`contribution_gap` / :func:`normalize_gap` / :func:`modality_resample_rate`
@@ -13,15 +14,17 @@ The pure rules live here as small functions: :func:`resample_counts` (supplement
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from ..engine.seed import epoch_seed
 from ..evaluation.contribution import modality_contributions
-from ..models.model import ABSENT_POLICIES
+from ..models.model import ABSENT_POLICIES, Output
 from ..registry import ConfigError
 from . import register_method
 from .joint import Joint
@@ -132,6 +135,11 @@ class ResampledDataset(Dataset):
     * ``mask`` (N, M) bool: zero a random ``mask_ratio`` of the elements of these modalities'
       inputs (``data_mask``); the element mask is drawn from ``mask_seed`` and the item position,
       so it does not depend on loader order or workers.
+
+    Every item carries an extra entry ``dropped: {modality: bool}``, True where *this dataset*
+    removed the modality (copies, ``keep``), as opposed to a modality missing in the data. The
+    valuation methods' training step reads it: a removed modality's encoder is not run on the
+    item (see :meth:`_Valuation.forward_without_dropped`).
     """
 
     def __init__(self, base: Dataset, modalities: Sequence[str], copy_index: Tensor | None = None,
@@ -168,18 +176,20 @@ class ResampledDataset(Dataset):
             keep = torch.zeros(len(self.modalities), dtype=torch.bool)
             keep[self.copy_modality[k]] = True
             mask = None
+        dropped = {m: torch.tensor(False) for m in self.modalities}
         if keep is None and (mask is None or not bool(mask.any())):
-            return item
+            return {**item, "dropped": dropped}
         inputs, present = dict(item["inputs"]), dict(item["present"])  # never modify the base's tensors
         for k, m in enumerate(self.modalities):
             if keep is not None and not bool(keep[k]):
                 inputs[m] = torch.zeros_like(inputs[m])
                 present[m] = torch.zeros_like(torch.as_tensor(present[m]), dtype=torch.bool)
+                dropped[m] = torch.tensor(True)
             elif mask is not None and bool(mask[k]):
                 g = torch.Generator().manual_seed((self.mask_seed + i * len(self.modalities) + k) % (2**63))
                 drop = torch.rand(inputs[m].shape, generator=g) < self.mask_ratio
                 inputs[m] = inputs[m].masked_fill(drop, 0.0)
-        return {**item, "inputs": inputs, "present": present}
+        return {**item, "inputs": inputs, "present": present, "dropped": dropped}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,17 +197,27 @@ class ResampledDataset(Dataset):
 # ---------------------------------------------------------------------------------------------
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+@contextlib.contextmanager
+def _batchnorm_eval(module: nn.Module):
+    """BatchNorm layers of ``module`` in eval mode (running statistics, no update) for a while."""
+    bns = [b for b in module.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm) and b.training]
+    for b in bns:
+        b.eval()
+    try:
+        yield
+    finally:
+        for b in bns:
+            b.train()
 
 
 class _Valuation(Joint):
-    """Shared machinery: joint CE training step, the valuation pass, warm-up, datasets."""
+    """Shared machinery: the training step on unimodal items, the valuation pass, warm-up,
+    datasets."""
 
     def __init__(self, warmup_epochs: int, absent_policy: str | None):
         super().__init__(unimodal_weight=0.0)
+        if int(warmup_epochs) < 0:
+            raise ConfigError(f"{self.name}: warmup_epochs must be >= 0, got {warmup_epochs}")
         self.warmup_epochs = int(warmup_epochs)
         if absent_policy is not None and absent_policy not in ABSENT_POLICIES:
             raise ConfigError(f"{self.name}: unknown absent_policy '{absent_policy}'; "
@@ -210,23 +230,83 @@ class _Valuation(Joint):
             raise ConfigError(f"{self.name} needs at least two modalities, got {', '.join(available)}")
         return list(available)
 
+    # -- training ---------------------------------------------------------------------------
+    def training_step(self, batch):
+        if batch.get("dropped") is None:  # warm-up: the plain training split
+            return super().training_step(batch)
+        with self.trainer.autocast():
+            out = self.forward_without_dropped(batch)
+        loss = self.ce(out.logits, batch["label"])
+        self.trainer.step(loss)
+        return {"loss": float(loss.detach())}
+
+    def forward_without_dropped(self, batch) -> Output:
+        """The model's output where every modality the method removed from an item (``dropped``)
+        is the absent policy's *constant* feature: the encoder is not run on those rows, so they
+        send it no gradient and do not move its BatchNorm statistics; a unimodal item trains only
+        its kept modality's encoder and the head. Modalities missing in the data follow the
+        model's absent policy as in any method.
+
+        The constant is :meth:`MultimodalModel.absent_feature` (``input``: the eval-mode encoder
+        output for a zero input, the same substitute the valuation uses; ``feature``: zeros),
+        without gradient. An encoder that has no row left still gets a (zero) gradient, so every
+        process makes the same gradient all-reduce; a single remaining row is normalised with the
+        BatchNorm running statistics (batch statistics of one sample do not exist).
+        """
+        model = self.model
+        inputs, present, dropped = batch["inputs"], batch.get("present") or {}, batch["dropped"]
+        feats: dict[str, Tensor] = {}
+        for m in model.modalities:
+            x, p = inputs[m], present.get(m)
+            d = torch.as_tensor(dropped[m], device=x.device).view(-1).bool()
+            if not bool(d.any()):
+                feats[m] = model.encode(m, x, p)
+                continue
+            B = x.shape[0]
+            rows = torch.nonzero(~d).flatten()
+            with torch.no_grad():
+                ref = torch.zeros(1, model.feature_dim(m), device=x.device)
+                const = model.absent_feature(m, ref).detach()
+            if rows.numel() == 0:
+                anchor = sum(q.sum() for q in model.encoders[m].parameters() if q.requires_grad)
+                feats[m] = const.expand(B, -1) + 0.0 * anchor  # zero gradient, not None
+                continue
+            ctx = _batchnorm_eval(model.encoders[m]) if rows.numel() == 1 else contextlib.nullcontext()
+            with ctx:
+                h = model.encode(m, x[rows], p[rows] if p is not None else None)
+            feats[m] = const.to(h.dtype).expand(B, h.shape[1]).clone().index_copy(0, rows, h)
+        return model.fuse(feats, present)
+
+    # -- valuation --------------------------------------------------------------------------
     def _contributions(self, positions: Tensor | None = None) -> Tensor:
-        """phi (n, M) of the ``train_eval`` items at ``positions`` (None = all), all ranks agree:
-        each rank values its share and the (N, M) table is all-reduced (sum)."""
+        """phi (n, M), float64, of the ``train_eval`` items at ``positions`` (None = all), the same
+        on every process and for any number of processes.
+
+        The positions are cut into the evaluation batches one process would use, and whole
+        batches are dealt to the processes (batch j to process j mod world): every sample is
+        evaluated in exactly the batch it would be in on one process, so no floating-point
+        difference from batch composition can flip a near-tie. Each process returns the exact
+        integer ``M! * phi`` of its samples; the (N, M) int64 table is summed over processes
+        (exact) and divided by M! once.
+        """
         tr = self.trainer
         ds = tr.data.train_eval
         N, M = len(ds), len(self.model.modalities)
         positions = torch.arange(N) if positions is None else positions.long().cpu()
-        rank, world = _rank_world()
-        mine = positions[rank::world]
-        sub = ds if (world == 1 and len(mine) == N and bool((mine == torch.arange(N)).all())) \
-            else Subset(ds, mine.tolist())
-        phi_mine = modality_contributions(self.model, tr.loader(sub), absent_policy=self.absent_policy,
-                                          device=tr.device, autocast=tr.autocast, progress=tr.progress)
-        table = torch.zeros(N, M, dtype=torch.float32, device=tr.device)
-        table[mine.to(tr.device)] = phi_mine.to(tr.device)
-        table = tr.all_reduce_sum(table).cpu()
-        return table[positions]
+        rank, world = tr.rank, tr.world_size
+        bs = int(tr.cfg.train.eval_batch_size)
+        chunks = list(torch.split(positions, bs))
+        mine_chunks = chunks[rank::world]
+        mine = torch.cat(mine_chunks) if mine_chunks else positions[:0]
+        whole = world == 1 and len(positions) == N and bool((positions == torch.arange(N)).all())
+        sub = ds if whole else Subset(ds, mine.tolist())
+        num_mine = modality_contributions(self.model, tr.loader(sub, batch_size=bs), absent_policy=self.absent_policy,
+                                          device=tr.device, autocast=tr.autocast, progress=tr.progress,
+                                          numerators=True)
+        table = torch.zeros(N, M, dtype=torch.int64, device=tr.device)
+        table[mine.to(tr.device)] = num_mine.to(tr.device)
+        table = tr.all_reduce_sum(table).cpu()  # one collective on every process, whatever its share
+        return table[positions].to(torch.float64) / math.factorial(M)
 
     def _present_table(self) -> Tensor | None:
         """(N, M) presence of each modality in the training data, if the dataset exposes it."""
@@ -258,8 +338,9 @@ class _Valuation(Joint):
 class SampleValuation(_Valuation):
     """Sample-level valuation (Wei et al., CVPR 2024, Sec. 3 and supplement Eq. 7).
 
-    Every epoch from ``warmup_epochs`` on (0-based epoch index >= ``warmup_epochs``; the
-    official code starts one epoch earlier), before training the epoch:
+    Every epoch from ``warmup_epochs`` on (0-based epoch index >= ``warmup_epochs``), before
+    training the epoch (the official ``code/sample_level.py`` values at the end of epoch
+    ``warmup - 1`` and trains on the result from epoch ``warmup``: the same timing):
 
     1. Value each training sample (``train_eval``: deterministic transforms, unshuffled, eval
        mode): v(S) = |S| * 1[argmax z(S) = y] for every subset S of the M modalities, v(empty)
@@ -270,8 +351,13 @@ class SampleValuation(_Valuation):
        sample for each modality m, each carrying only modality m (the others absent: their
        ``present`` is False and inputs zero, so the model applies its absent policy) and the
        original ``index``. Copies of a modality the sample lacks in the data are not made.
-    4. Training is a joint CE step on the fused logits over that set (as the official code;
-       with the ``input`` policy an absent modality's encoder still runs on a zero input).
+    4. Training is a joint CE step on the fused logits over that set (as the official code). A
+       copy trains only its kept modality's encoder and the head: the removed modalities'
+       features are the absent policy's constant feature, computed without gradient and without
+       running their encoders on the copy, so their BatchNorm statistics see only real inputs
+       (:meth:`forward_without_dropped`). The official code zeroes the dropped feature after the
+       encoder ran on the real input in train mode (no gradient either, but its BatchNorm
+       statistics absorb the copies).
 
     Options:
         warmup_epochs: plain joint epochs before the first valuation (default 5).
@@ -282,7 +368,12 @@ class SampleValuation(_Valuation):
             -> round(0.5) = 1 copy with ``double``), after snapping x to a 1e-6 grid.
         absent_policy: ``input`` (paper: zero input, encoder runs) or ``feature`` (official:
             zero feature) for the *valuation only*; None (default) = the model's
-            ``--model.absent_policy``, which also governs how copies are trained.
+            ``--model.absent_policy``, which also gives the constant feature that stands for a
+            copy's removed modalities in training.
+
+    Determinism: phi is exact (integer ``M! * phi``, summed over processes without rounding) and
+    every sample is valued in the same evaluation batch whatever the number of processes, so the
+    copies are the same on 1 or N processes for the same weights.
 
     Diagnostics: ``phi_mean/<m>`` (mean contribution), ``copies/<m>`` (copies added),
     ``copies_total``, ``fused_correct`` (train accuracy seen by the valuation).
@@ -324,7 +415,7 @@ STRATEGIES = ("resample", "modality_drop", "data_mask")
 class ModalityValuation(_Valuation):
     """Modality-level valuation (Wei et al., CVPR 2024, Sec. 3 and supplement Eq. 8).
 
-    Every epoch from ``warmup_epochs`` on:
+    Every epoch from ``warmup_epochs`` on (same timing as the official ``code/modality_level.py``):
 
     1. Value only a random ``subset_ratio`` of the training set (drawn without replacement,
        seeded by the epoch; the official code values everything and draws the 20% with
@@ -340,7 +431,8 @@ class ModalityValuation(_Valuation):
 
        * ``resample`` (default): add a unimodal copy of the sample carrying only modality i
          (originals kept), like ``sample_valuation``'s copies;
-       * ``modality_drop``: in place, mark every *other* modality of the sample absent;
+       * ``modality_drop``: in place, mark every *other* modality of the sample absent (like a
+         copy, the item then trains only modality i's encoder and the head);
        * ``data_mask``: in place, zero a random ``mask_ratio`` fraction of the input elements of
          every other (dominant) modality, drawn independently per sample, modality and epoch.
 
