@@ -99,6 +99,7 @@ def cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
                 if new != old:
                     changes[key] = new
                 overrides.pop(key)
+        cfg.train.stop_after_epochs = None  # a stop applies to the invocation that asked for it
         cfg = load_config(None, overrides, base=cfg)
     else:
         cfg = load_config(args.config, overrides)
