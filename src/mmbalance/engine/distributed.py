@@ -5,7 +5,8 @@ fusions directly, not one ``forward``):
 
 * the training split is sharded so that, at every step, the ranks together see exactly the
   batch one process would see (:class:`ShardedSampler`; ``train.batch_size`` stays the
-  *global* batch size);
+  *global* batch size; an epoch whose size is not a multiple of the number of processes
+  leaves its last ``size mod world`` shuffled samples out);
 * after every ``trainer.backward`` the gradients are averaged over ranks
   (:func:`average_gradients`), so clipping, gradient modulation, projections and SAM all see
   the global-batch gradient, and every rank applies the same update;
@@ -102,13 +103,15 @@ class ShardedSampler(Sampler[int]):
 
     The permutation is the one a single process's shuffling ``DataLoader`` draws with the same
     seed, and with a per-rank batch of ``B / world`` the ranks' step-t batches together are
-    exactly positions ``[tB, (t+1)B)`` of it: the single-process global batch. The permutation
-    is padded by wrapping around so every rank gets the same number of samples.
+    exactly positions ``[tB, (t+1)B)`` of it: the single-process global batch. When ``n`` is not
+    a multiple of ``world``, the last ``n mod world`` positions of the shuffle are left out of
+    that epoch (never duplicated: a duplicated sample would count twice in the gradient), so
+    only the epoch's last step can differ from one process, by at most ``world - 1`` samples.
     """
 
     def __init__(self, n: int, seed: int, rank: int, world: int):
         self.n, self.seed, self.rank, self.world = n, seed, rank, world
-        self.per_rank = -(-n // world)
+        self.per_rank = n // world
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator()
@@ -117,9 +120,7 @@ class ShardedSampler(Sampler[int]):
         # permutation: replay both (tests/test_distributed.py checks the two orders agree)
         torch.empty((), dtype=torch.int64).random_(generator=g)
         perm = torch.randperm(self.n, generator=g).tolist()
-        total = self.per_rank * self.world
-        perm += perm[: total - len(perm)]
-        return iter(perm[self.rank:total:self.world])
+        return iter(perm[self.rank:self.per_rank * self.world:self.world])
 
     def __len__(self) -> int:
         return self.per_rank

@@ -291,7 +291,7 @@ class Trainer:
             self.method.on_epoch_start(epoch)
             dataset = self.method.train_dataset(epoch, self.data.train)
             # a trailing batch of one sample breaks BatchNorm in training mode: drop it
-            per_rank = -(-len(dataset) // self.world_size)
+            per_rank = len(dataset) // self.world_size if self.world_size > 1 else len(dataset)
             drop_last = tc.drop_last or per_rank % (tc.batch_size // self.world_size) == 1
             loader = self.loader(dataset, shuffle=True, batch_size=tc.batch_size,
                                  seed=epoch_seed(tc.seed, epoch), drop_last=drop_last, shard=True)

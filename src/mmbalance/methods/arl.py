@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..registry import ConfigError
 from . import register_method
-from .base import Method, build_standard_model
+from .base import Method, build_standard_model, masked_cross_entropy
 
 ESTIMATORS = ("entropy", "variance")
 SCORES = ("product", "ratio")
@@ -166,22 +166,6 @@ def arl_coefficients(unimodal_logits: Mapping[str, Tensor] | Sequence[Tensor], l
     if reduce is not None:
         stats = reduce(stats)
     return arl_coefficients_from_statistics(stats, T=T, estimator=estimator, floor=floor, score=score)
-
-
-def masked_cross_entropy(logits: Tensor, labels: Tensor, present: Tensor | None, global_count: Tensor | float,
-                         world_size: int = 1) -> Tensor:
-    """``sum_{b present} CE(logits_b, y_b) * world_size / global_count``.
-
-    On one process with ``global_count`` = the number of present samples this is the mean CE
-    over present samples. With several processes, each normalising by the *global* count (times
-    the number of processes, because the engine averages gradients over processes) makes the
-    averaged gradient exactly that of the global batch's mean over present samples, however the
-    present samples are spread over the processes. 0 when no sample is present.
-    """
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")
-    if present is not None:
-        ce = ce * present.view(-1).to(ce.dtype)
-    return ce.sum() * (float(world_size) / max(float(global_count), 1.0))
 
 
 @register_method("arl", summary="ARL: inverse-variance gradient scaling (1 + k_m) per encoder + gamma * unimodal losses")

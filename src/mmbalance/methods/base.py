@@ -102,6 +102,22 @@ def build_standard_model(spec: ModelSpec, fusion: str | None = None, **fusion_op
     return MultimodalModel(encoders, head, spec.input_shapes, spec.absent_policy)
 
 
+def masked_cross_entropy(logits: Tensor, labels: Tensor, present: Tensor | None, global_count: Tensor | float,
+                         world_size: int = 1) -> Tensor:
+    """``sum_{b present} CE(logits_b, y_b) * world_size / global_count``.
+
+    On one process with ``global_count`` = the number of present samples this is the mean CE
+    over present samples. With several processes, each normalising by the *global* count (times
+    the number of processes, because the engine averages gradients over processes) makes the
+    averaged gradient exactly that of the global batch's mean over present samples, however the
+    present samples are spread over the processes. 0 when no sample is present.
+    """
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    if present is not None:
+        ce = ce * present.view(-1).to(ce.dtype)
+    return ce.sum() * (float(world_size) / max(float(global_count), 1.0))
+
+
 class Method:
     """Base class; subclasses set ``name``/``summary`` via :func:`register_method`."""
 
@@ -192,6 +208,13 @@ class Method:
         an end of None = until the end), for methods that define those hyperparameters."""
         end = getattr(self, "modulation_end", None)
         return getattr(self, "modulation_start", 0) <= epoch and (end is None or epoch <= end)
+
+    def present_ce(self, logits: Tensor, labels: Tensor, present: Tensor) -> Tensor:
+        """Mean CE over the samples of the *global* batch where a modality is present
+        (:func:`masked_cross_entropy` with the count summed over processes: one all-reduce on
+        every rank, whatever its data)."""
+        count = self.trainer.all_reduce_sum(present.sum().to(torch.float64))
+        return masked_cross_entropy(logits, labels, present, count, self.trainer.world_size)
 
     @staticmethod
     def ce(logits: Tensor, labels: Tensor) -> Tensor:

@@ -10,7 +10,8 @@ class Joint(Method):
     """Minimise CE(z, y) on the fused logits; unimodal logits are only evaluated.
 
     Options:
-        unimodal_weight: add ``unimodal_weight * sum_m CE(z_m, y)`` (0 = plain joint training).
+        unimodal_weight: add ``unimodal_weight * sum_m CE(z_m, y)`` (0 = plain joint training),
+            each term the mean over the samples where modality m is present.
     """
 
     def __init__(self, unimodal_weight: float = 0.0):
@@ -21,6 +22,7 @@ class Joint(Method):
         out, loss = self.fused_forward(batch)
         y = batch["label"]
         if self.unimodal_weight:
-            loss = loss + self.unimodal_weight * sum(self.ce(z, y) for z in out.unimodal_logits.values())
+            loss = loss + self.unimodal_weight * sum(self.present_ce(z, y, batch["present"][m])
+                                                     for m, z in out.unimodal_logits.items())
         self.trainer.step(loss)
         return {"loss": float(loss.detach())}

@@ -1,0 +1,82 @@
+"""joint and unimodal: the training step against a hand-written reference step (loss
+composition, which parameters receive gradient), and unimodal's model and data selection."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmbalance.engine import Trainer
+from mmbalance.registry import ConfigError
+from mmbalance.utils import to_device
+
+from helpers import capture_step_grads, quick_config, tiny_data
+
+
+def _trainer(method, fusion="concat", missing=0.0, **opts):
+    ov = {f"method.{k}": v for k, v in opts.items()}
+    cfg = quick_config(method, epochs=1, **{"model.fusion": fusion, "model.encoder_options":
+                                            {"hidden": [8, 6], "dropout": 0.0}, **ov})
+    return Trainer(cfg, data=tiny_data(n=24, missing=missing, seed=2))
+
+
+def _batch(tr, n=12):
+    return to_device(next(iter(tr.loader(tr.data.train, batch_size=n))), tr.device)
+
+
+def _reference_grads(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum", "late"])
+def test_joint_step_is_fused_cross_entropy(fusion):
+    tr = _trainer("joint", fusion)
+    b = _batch(tr)
+    ref = _reference_grads(tr.model, lambda: F.cross_entropy(tr.model(b["inputs"], b["present"]).logits, b["label"]))
+    got = capture_step_grads(tr, b)
+    assert set(got) == set(ref) == {n for n, _ in tr.model.named_parameters()}
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], atol=1e-7), n
+
+
+def test_joint_unimodal_weight_adds_masked_unimodal_terms():
+    tr = _trainer("joint", "sum", missing=0.4, unimodal_weight=0.5)
+    b = _batch(tr)
+    assert not b["present"]["a"].all() or not b["present"]["b"].all()
+
+    def loss():
+        out = tr.model(b["inputs"], b["present"])
+        uni = sum(F.cross_entropy(out.unimodal_logits[m][b["present"][m]], b["label"][b["present"][m]])
+                  for m in ("a", "b"))
+        return F.cross_entropy(out.logits, b["label"]) + 0.5 * uni
+
+    ref = _reference_grads(tr.model, loss)
+    got = capture_step_grads(tr, b)
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], atol=1e-6), n
+
+
+def test_joint_step_updates_parameters_by_sgd():
+    tr = _trainer("joint")
+    b = _batch(tr)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    grads = capture_step_grads(tr, b)
+    # first SGD step with momentum: p - lr * (g + wd * p)
+    lr, wd = tr.cfg.optim.lr, tr.cfg.optim.weight_decay
+    for n, p in tr.model.named_parameters():
+        assert torch.allclose(p.detach(), before[n] - lr * (grads[n] + wd * before[n]), atol=1e-7), n
+
+
+def test_unimodal_keeps_only_its_modality():
+    tr = _trainer("unimodal", modality="b")
+    assert tr.modalities == ["b"] and list(tr.model.encoders) == ["b"]
+    b = _batch(tr)
+    ref = _reference_grads(tr.model, lambda: F.cross_entropy(tr.model({"b": b["inputs"]["b"]},
+                                                                      {"b": b["present"]["b"]}).logits, b["label"]))
+    got = capture_step_grads(tr, b)
+    assert set(got) == set(ref)
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], atol=1e-7), n
+    assert _trainer("unimodal").modalities == ["a"]  # default: the first modality
+    with pytest.raises(ConfigError, match="unimodal: unknown modality 'z'; modalities: a, b"):
+        _trainer("unimodal", modality="z")
