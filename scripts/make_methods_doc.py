@@ -11,18 +11,29 @@ the command that made them.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+OPTIONS_BLOCK = re.compile(r"<!-- options:(\w+) -->.*?<!-- /options -->", re.S)
 SECTIONS = ["arl", "mla", "mie", "sample_valuation", "modality_valuation", "ogm_ge", "qmf", "pmr", "agm",
             "gblending", "mslr", "mses", "greedy"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--main", type=Path, required=True)
-    ap.add_argument("--ablations", type=Path, required=True)
+    ap.add_argument("--main", type=Path)
+    ap.add_argument("--ablations", type=Path)
+    ap.add_argument("--options-only", action="store_true",
+                    help="only regenerate the option tables in the existing docs/methods.md")
     args = ap.parse_args()
+    if args.options_only:
+        page = ROOT / "docs" / "methods.md"
+        page.write_text(refresh_options(page.read_text()))
+        print("refreshed the option tables of docs/methods.md")
+        return
+    if args.main is None or args.ablations is None:
+        ap.error("--main and --ablations are required (or --options-only)")
     sec = ROOT / "docs" / "_sections"
     text = (sec / "00_intro.md").read_text()
     for key, folder in (("MAIN", args.main), ("ABLATION", args.ablations)):
@@ -30,9 +41,27 @@ def main() -> None:
         text = text.replace("{{%s_COMMAND}}" % key, (folder / "command.txt").read_text().strip())
     parts = [text.rstrip()]
     for name in SECTIONS:
-        parts.append((sec / f"{name}.md").read_text().strip())
-    (ROOT / "docs" / "methods.md").write_text("\n\n".join(parts) + "\n")
+        body = (sec / f"{name}.md").read_text().strip()
+        head, _, rest = body.partition("\n")
+        parts.append(f"{head}\n\n{options_block(name)}\n{rest}")
+    (ROOT / "docs" / "methods.md").write_text(refresh_options("\n\n".join(parts) + "\n"))
     print("wrote docs/methods.md")
+
+
+def options_block(method: str) -> str:
+    """The generated options table of a method, between markers that :func:`refresh_options`
+    (and ``tests/test_docs.py``) recognise."""
+    from mmbalance.methods import get_method_class
+    from mmbalance.options import options_markdown
+
+    return (f"<!-- options:{method} -->\nOptions (generated from the code by `scripts/make_methods_doc.py`; "
+            f"also `mmbalance list methods {method}`):\n\n{options_markdown(get_method_class(method))}\n"
+            "<!-- /options -->\n")
+
+
+def refresh_options(text: str) -> str:
+    """``text`` with every options block regenerated from the current code."""
+    return OPTIONS_BLOCK.sub(lambda m: options_block(m.group(1)).rstrip("\n"), text)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ class DatasetConfig:
 
     name: str = "uci_mfeat"
     options: dict[str, Any] = field(default_factory=dict)
+    #: missing-modality protocol: each modality of each sample absent with this probability in
+    #: every split (one rate, or ``{modality: rate}``); see ``mmbalance.data.missing``
+    missing_rate: Annotated[float, Interval(0, 1, closed="left")] | dict[str, float] = 0.0
+    missing_seed: Annotated[int, Interval(0, None)] = 0
 
 
 @dataclass
@@ -307,6 +311,7 @@ SHORT_FLAGS = {
     "epochs": "train.epochs", "seed": "train.seed", "batch_size": "train.batch_size", "lr": "optim.lr",
     "optimizer": "optim.name", "scheduler": "optim.scheduler", "device": "train.device",
     "modalities": "dataset.modalities", "output_dir": "output_dir", "logger": "train.loggers",
+    "missing_rate": "dataset.missing_rate",
 }
 
 

@@ -316,3 +316,14 @@ def validate_options(kind: str, name: str, factory: Callable[..., Any], options:
     hints = _hints(factory)
     return {k: coerce_value(v, hints.get(k, Any), f"{kind} '{name}' option '{k}'") if k in params else v
             for k, v in options.items()}
+
+
+def options_markdown(factory: Callable[..., Any], skip: Sequence[str] = ()) -> str:
+    """The options of ``factory`` as a Markdown table (``docs/methods.md`` is generated with it,
+    and a test fails when the page is stale)."""
+    rows = ["| option | type / allowed | default | meaning |", "|---|---|---|---|"]
+    for o in describe_options(factory, skip):
+        default = "null" if o.default is None else repr(o.default)
+        cells = [f"`{o.name}`", o.type, f"`{default}`", o.help]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows)

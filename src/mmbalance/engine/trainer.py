@@ -29,6 +29,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() on the 
 from .. import __version__
 from ..config import RunConfig, config_fingerprint, dump_yaml, from_dict
 from ..data import DataSplits, build_dataset
+from ..data.missing import apply_missing
 from ..evaluation.probe import probe_accuracy
 from ..methods import Method
 from ..models import MultimodalModel
@@ -82,6 +83,8 @@ class Trainer:
         seed_everything(tc.seed)
 
         self.data = data if data is not None else build_dataset(self.cfg.dataset.name, **self.cfg.dataset.options)
+        if self.cfg.dataset.missing_rate:
+            self.data = apply_missing(self.data, self.cfg.dataset.missing_rate, self.cfg.dataset.missing_seed)
         self.modalities = self.method.modalities(list(self.data.modalities))
         self.spec = model_spec(self.cfg, self.data, self.modalities)
         self.model: MultimodalModel = self.method.build_model(self.spec).to(self.device)
