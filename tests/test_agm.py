@@ -11,6 +11,7 @@ from mmbalance.methods.agm import (agm_coefficients, agm_output, agm_ratios, agm
                                    agm_subset_logits, running_mean_update)
 from mmbalance.methods.base import ModelSpec, build_standard_model
 from helpers import capture_step_grads, quick_config
+from mmbalance.registry import ConfigError
 
 
 def _model(fusion="concat", mods=("a", "v"), policy="input"):
@@ -151,3 +152,188 @@ def test_training_runs_three_modalities_and_fusions():
     assert 0.0 <= res["test"]["accuracy"] <= 1.0
     Trainer(_cfg(**{"model.fusion": "gated", "method.include_empty": True})).fit()
 
+
+
+# ---------------------------------------------------------------------------------------------
+# reference step at a non-trivial state, window boundaries, held coefficients, modes, resume
+import copy
+
+import torch.nn.functional as F
+
+from helpers import tiny_data
+
+
+def _trainer(data=None, **method):
+    over = {f"method.{k}": v for k, v in method.items()}
+    cfg = quick_config("agm", epochs=1, **{"train.batch_size": 32, "optim.lr": 0.05, **over})
+    return Trainer(cfg, data=data or tiny_data(64, ("a", "v"), hidden=[8], dropout=0.0))
+
+
+def _batch(tr, n=32, seed=0):
+    return next(iter(tr.loader(tr.data.train, batch_size=n, shuffle=True, seed=seed)))
+
+
+def _plain_grads(model, batch):
+    ref = copy.deepcopy(model)
+    F.cross_entropy(ref(batch["inputs"]).logits, batch["label"]).backward()
+    return {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+
+
+def _reference_step(model, batch, S, alpha, include_empty=False):
+    """AGM's step written out for two modalities without the module's helpers (no BatchNorm, no
+    dropout, so the padded passes need no eval mode): returns expected grads, k and s."""
+    ref = copy.deepcopy(model)
+    x, y = batch["inputs"], batch["label"]
+    f_av = ref(x).logits
+    f_a0 = ref({"a": x["a"], "v": torch.zeros_like(x["v"])}).logits
+    f_0v = ref({"a": torch.zeros_like(x["a"]), "v": x["v"]}).logits
+    f_00 = ref({"a": torch.zeros_like(x["a"]), "v": torch.zeros_like(x["v"])}).logits if include_empty else 0
+    m_a = 0.5 * (f_av - f_0v + f_a0 - f_00)
+    m_v = 0.5 * (f_av - f_a0 + f_0v - f_00)
+    s = torch.stack([-torch.log(F.softmax(m, 1).gather(1, y[:, None]).clamp_min(1e-8)).mean() for m in (m_a, m_v)])
+    s = s.detach()
+    r = torch.stack([torch.exp(s[1] - s[0]), torch.exp(s[0] - s[1])])
+    rbar = torch.stack([torch.exp(S[1] - S[0]), torch.exp(S[0] - S[1])])
+    k = torch.exp(alpha * torch.clamp(rbar - r, max=10.0))
+    z = (k[0] * m_a + (1 - k[0]) * m_a.detach()) + (k[1] * m_v + (1 - k[1]) * m_v.detach()) + f_00
+    F.cross_entropy(z, y).backward()
+    return {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}, k, s
+
+
+@pytest.mark.parametrize("include_empty", [False, True])
+def test_second_step_gradients_equal_a_hand_written_reference(include_empty):
+    tr = _trainer(alpha=0.7, fusion_grad_clip=None, include_empty=include_empty)
+    tr.model.train()
+    b1, b2 = _batch(tr, seed=1), _batch(tr, seed=2)
+    _, _, s1 = _reference_step(tr.model, b1, torch.zeros(2), 0.7, include_empty)
+    tr.method.training_step(b1)
+    assert torch.allclose(tr.method.score_mean.cpu(), s1, atol=1e-5)  # S after one step = s_1
+    expected, k, s2 = _reference_step(tr.model, b2, s1, 0.7, include_empty)
+    assert (k - 1).abs().min() > 1e-3  # a real modulation in this step
+    tr.method.epoch_diagnostics()
+    got = capture_step_grads(tr, b2)
+    for n in expected:
+        assert torch.allclose(got[n], expected[n], atol=1e-6), n
+    diag = tr.method.epoch_diagnostics()
+    assert diag["k_a"] == pytest.approx(float(k[0]), rel=1e-5) and diag["k_v"] == pytest.approx(float(k[1]), rel=1e-5)
+    assert torch.allclose(tr.method.score_mean.cpu(), (s1 + s2) / 2, atol=1e-5) and tr.method.iteration == 2
+
+
+@pytest.mark.parametrize("origin,active", [(0, {2, 3}), (1, {1, 2})])
+def test_window_boundaries_and_epoch_origin(origin, active):
+    """Window [2, 3]: with 0-based epochs 2 and 3 are modulated (1 and 4 not); counted from 1
+    (official) the same numbers mean 0-based epochs 1 and 2."""
+    tr = _trainer(modulation_start=2, modulation_end=3, epoch_origin=origin, fusion_grad_clip=None)
+    batch = _batch(tr)
+    for epoch in range(5):
+        tr.method.score_mean.zero_()
+        tr.method.iteration = 0
+        tr.epoch = epoch
+        tr.model.train()
+        plain = _plain_grads(tr.model, batch)
+        got = capture_step_grads(tr, batch)
+        k = tr.method.epoch_diagnostics()
+        same = all(torch.allclose(got[n], plain[n], atol=1e-6) for n in plain)
+        if epoch in active:
+            assert k["k_a"] != 1.0 and k["k_v"] != 1.0 and not same, epoch
+        else:
+            assert k["k_a"] == 1.0 and k["k_v"] == 1.0 and same, epoch
+    with pytest.raises(ConfigError):
+        _trainer(epoch_origin=2)
+
+
+def test_hold_after_window_keeps_the_last_coefficients():
+    for hold in (False, True):
+        tr = _trainer(modulation_end=0, hold_after_window=hold, fusion_grad_clip=None)
+        b1, b2 = _batch(tr, seed=1), _batch(tr, seed=2)
+        tr.model.train()
+        tr.method.training_step(b1)
+        d = tr.method.epoch_diagnostics()
+        k0 = [d["k_a"], d["k_v"]]
+        tr.epoch = 1  # after the window
+        plain = _plain_grads(tr.model, b2)
+        got = capture_step_grads(tr, b2)
+        d = tr.method.epoch_diagnostics()
+        k1 = [d["k_a"], d["k_v"]]
+        same = all(torch.allclose(got[n], plain[n], atol=1e-6) for n in plain)
+        if hold:
+            assert k1 == pytest.approx(k0) and k0 != [1.0, 1.0] and not same
+        else:
+            assert k1 == [1.0, 1.0] and same
+
+
+def test_held_coefficient_is_applied_to_the_gradient():
+    tr = _trainer(modulation_end=0, hold_after_window=True, fusion_grad_clip=None)
+    b1, b2 = _batch(tr, seed=1), _batch(tr, seed=2)
+    tr.model.train()
+    tr.method.training_step(b1)
+    k0 = tr.method.last_k.clone()
+    tr.epoch = 1
+    ref = copy.deepcopy(tr.model)
+    x, y = b2["inputs"], b2["label"]
+    f_av = ref(x).logits
+    f_a0 = ref({"a": x["a"], "v": torch.zeros_like(x["v"])}).logits
+    f_0v = ref({"a": torch.zeros_like(x["a"]), "v": x["v"]}).logits
+    m_a, m_v = 0.5 * (f_av - f_0v + f_a0), 0.5 * (f_av - f_a0 + f_0v)
+    z = (k0[0] * m_a + (1 - k0[0]) * m_a.detach()) + (k0[1] * m_v + (1 - k0[1]) * m_v.detach())
+    F.cross_entropy(z, y).backward()
+    got = capture_step_grads(tr, b2)
+    for n, p in ref.named_parameters():
+        assert torch.allclose(got[n], p.grad, atol=1e-6), n
+
+
+def test_conditional_clip_of_large_fusion_gradients():
+    for clip in (None, 1.0, 0.5):
+        tr = _trainer(fusion_grad_clip=clip)
+        params = list(tr.model.parameters())
+        for big in (False, True):
+            for p in params:
+                p.grad = torch.full_like(p, 0.01)
+            tr.model.fusion.fc.weight.grad[0, 0] = -2.0 if big else 0.9
+            before = [p.grad.clone() for p in params]
+            tr.method._clip_if_large_fusion_grad()
+            norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in params)))
+            if big and clip is not None:
+                assert norm == pytest.approx(clip, rel=1e-4)
+            else:
+                assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+
+
+def test_absent_modality_passes_leave_train_mode_and_batchnorm_statistics():
+    """The absent modality's feature comes from an eval-mode pass: after a step every module is
+    in train mode again and the BatchNorm statistics moved exactly as one train-mode forward of
+    the batch moves them."""
+    data = tiny_data(64, ("a", "v"), hidden=[8], dropout=0.0, batchnorm=True)
+    tr = _trainer(data=data)
+    batch = _batch(tr)
+    tr.model.train()
+    ref = copy.deepcopy(tr.model)
+    with torch.no_grad():
+        ref(batch["inputs"], batch["present"])
+    tr.method.training_step(batch)
+    assert all(m.training for m in tr.model.modules())
+    got = tr.model.state_dict()
+    for k, v in ref.state_dict().items():
+        if "running" in k or "num_batches" in k:
+            assert torch.equal(got[k], v), k
+
+
+def test_resume_state_round_trip_gives_the_same_next_step():
+    kw = dict(modulation_end=0, hold_after_window=True, alpha=0.6)
+    a = _trainer(**kw)
+    b1, b2 = _batch(a, seed=1), _batch(a, seed=2)
+    a.model.train()
+    a.method.training_step(b1)
+    b = _trainer(**kw)
+    b.model.load_state_dict(a.model.state_dict())
+    b.optimizer.load_state_dict(copy.deepcopy(a.optimizer.state_dict()))
+    st = a.method.state_dict()
+    assert st["iteration"] == 1 and st["last_k"] is not None
+    b.method.load_state_dict(copy.deepcopy(st))
+    for t in (a, b):
+        t.epoch = 1
+        t.model.train()
+    ga, gb = capture_step_grads(a, b2), capture_step_grads(b, b2)
+    for n in ga:
+        assert torch.equal(ga[n], gb[n]), n
+    assert torch.equal(a.method.score_mean, b.method.score_mean) and b.method.iteration == 2

@@ -71,8 +71,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     lf = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     lp = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert [x["val"] for x in lf] == [x["val"] for x in lp]
-    # a resumed run refuses to change what it trains
-    assert main(["-q", "train", "--resume", str(part), "--optim.lr", "0.5"]) == 2
+    # a resumed run refuses to change what it trains, and a finished run has nothing to resume
+    assert main(["-q", "train", "--resume", str(part), "--train.batch_size", "32"]) == 2
+    assert main(["-q", "train", "--resume", str(part)]) == 2
 
 
 def test_evaluate_reproduces_saved_metrics(tmp_path, capsys):

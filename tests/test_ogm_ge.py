@@ -138,3 +138,111 @@ def test_bad_scope_is_a_config_error():
     with pytest.raises(ConfigError):
         create_method("ogm_ge", scope="everything")
 
+
+
+# ---------------------------------------------------------------------------------------------
+# reference step (coefficient options, GE noise from the seeded generator), window, replay
+import copy
+
+import torch.nn.functional as F
+
+from helpers import capture_step_grads, tiny_data
+
+
+def _trainer(**method):
+    over = {f"method.{k}": v for k, v in method.items()}
+    cfg = quick_config("ogm_ge", epochs=1, **{"train.batch_size": 32, "train.seed": 3, **over})
+    return Trainer(cfg, data=tiny_data(64, ("a", "v"), hidden=[8], dropout=0.0, signal={"a": 2.0, "v": 0.2}))
+
+
+def _batch(tr, seed=0):
+    return next(iter(tr.loader(tr.data.train, batch_size=32, shuffle=True, seed=seed)))
+
+
+def _reference(model, batch, alpha, ratio_offset, scope, seed, step, ge=True):
+    """OGM-GE written out for two modalities: the fused-loss gradient, the dominant encoder's
+    selected gradients times k, then N(0, std(g)^2) per selected tensor of every encoder, drawn
+    from a generator seeded by (seed, global step) in modality and parameter order."""
+    ref = copy.deepcopy(model)
+    out = ref(batch["inputs"])
+    y = batch["label"]
+    F.cross_entropy(out.logits, y).backward()
+    s = [float(F.softmax(out.unimodal_logits[m].detach(), 1).gather(1, y[:, None]).sum()) for m in ("a", "v")]
+    rho = [s[0] / s[1], s[1] / s[0]]
+    k = [1.0 - math.tanh(alpha * ((r - 1.0) if ratio_offset else r)) if r > 1 else 1.0 for r in rho]
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    for i, m in enumerate(("a", "v")):
+        for n, p in ref.encoders[m].named_parameters():
+            if scope == "all" or p.dim() >= 2:
+                full = f"encoders.{m}.{n}"
+                g = grads[full]
+                std = float(g.std()) + 1e-8
+                grads[full] = k[i] * g + (std * torch.randn(g.shape, generator=gen) if ge else 0)
+    return grads, k, rho
+
+
+@pytest.mark.parametrize("ratio_offset,scope", [(False, "conv_linear_weights"), (True, "all")])
+def test_training_step_equals_a_hand_written_reference(ratio_offset, scope):
+    tr = _trainer(alpha=0.5, ratio_offset=ratio_offset, scope=scope)
+    batch = _batch(tr)
+    tr.global_step = 7
+    tr.model.train()
+    expected, k, rho = _reference(tr.model, batch, 0.5, ratio_offset, scope, seed=3, step=7)
+    assert min(k) < 1.0  # one modality is damped in this batch
+    got = capture_step_grads(tr, batch)
+    for n in expected:
+        assert torch.allclose(got[n], expected[n], atol=1e-6), n
+    d = tr.method.epoch_diagnostics()
+    assert [d["k_a"], d["k_v"]] == pytest.approx(k, rel=1e-5)
+    assert [d["rho_a"], d["rho_v"]] == pytest.approx(rho, rel=1e-5)
+    # the noise depends on the global step (and replays for the same one)
+    tr.global_step = 8
+    other = capture_step_grads(tr, batch)
+    name = next(n for n, p in tr.model.named_parameters() if n.startswith("encoders.a.") and p.dim() >= 2)
+    assert not torch.allclose(other[name], got[name])
+
+
+def test_ge_off_adds_no_noise():
+    tr = _trainer(ge=False)
+    batch = _batch(tr)
+    tr.model.train()
+    expected, k, _ = _reference(tr.model, batch, 0.8, False, "conv_linear_weights", 3, 0, ge=False)
+    got = capture_step_grads(tr, batch)
+    for n in expected:
+        assert torch.allclose(got[n], expected[n], atol=1e-6), n
+
+
+def test_window_boundaries():
+    """Window [1, 2]: epochs 0 and 3 are plain joint training (no scaling, no noise, k = 1),
+    epochs 1 and 2 are modulated."""
+    tr = _trainer(modulation_start=1, modulation_end=2)
+    batch = _batch(tr)
+    for epoch in range(4):
+        tr.epoch = epoch
+        tr.model.train()
+        plain = copy.deepcopy(tr.model)
+        F.cross_entropy(plain(batch["inputs"]).logits, batch["label"]).backward()
+        got = capture_step_grads(tr, batch)
+        same = all(torch.allclose(got[n], p.grad, atol=1e-6) for n, p in plain.named_parameters())
+        d = tr.method.epoch_diagnostics()
+        if epoch in (1, 2):
+            assert not same and min(d["k_a"], d["k_v"]) < 1.0, epoch
+        else:
+            assert same and d["k_a"] == d["k_v"] == 1.0, epoch
+
+
+def test_a_resumed_step_replays_the_same_noise():
+    a, b = _trainer(), _trainer()
+    b.model.load_state_dict(a.model.state_dict())
+    b.method.load_state_dict(copy.deepcopy(a.method.state_dict()))
+    batch = _batch(a)
+    for t in (a, b):
+        t.global_step = 12
+        t.model.train()
+    torch.manual_seed(0)
+    ga = capture_step_grads(a, batch)
+    torch.manual_seed(1)  # the global RNG plays no part
+    gb = capture_step_grads(b, batch)
+    for n in ga:
+        assert torch.equal(ga[n], gb[n]), n

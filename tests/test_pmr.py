@@ -110,3 +110,198 @@ def test_training_runs_and_resume_state_three_modalities():
     assert st["prototypes"]["pix"].shape == (tr.data.num_classes, tr.model.feature_dim("pix"))
     Trainer(_cfg(**{"model.fusion": "gated"})).fit()
 
+
+
+# ---------------------------------------------------------------------------------------------
+# the prototype pass (positions, eval mode, EMA), reference step, window boundaries, resume
+import copy
+
+import pytest
+import torch.nn.functional as F
+
+from mmbalance.engine.seed import epoch_seed
+from mmbalance.methods.pmr import prototype_positions
+from mmbalance.registry import ConfigError
+from helpers import tiny_data
+
+
+def _trainer(bn=False, n=64, **method):
+    over = {f"method.{k}": v for k, v in method.items()}
+    cfg = _cfg(**{"train.batch_size": 16, "train.seed": 5, **over})
+    return Trainer(cfg, data=tiny_data(n, ("a", "v"), hidden=[8], dropout=0.0, batchnorm=bn,
+                                       signal={"a": 2.0, "v": 0.3}))
+
+
+def test_prototype_positions_are_the_first_batches_of_a_seeded_shuffle():
+    g = torch.Generator().manual_seed(11)
+    perm = torch.randperm(50, generator=g).tolist()
+    assert prototype_positions(50, 8, 0.5, 11) == perm[:24]   # floor(0.5 * 7) = 3 batches of 8
+    assert prototype_positions(50, 8, 0.1, 11) == perm[:8]    # at least one batch
+    assert prototype_positions(50, 8, 1.0, 11) == perm        # all of it (the last batch is short)
+    assert prototype_positions(50, 8, 0.5, 12) != perm[:24]
+
+
+def _class_means(model, data, positions, C=3):
+    x = {m: torch.stack([data[i]["inputs"][m] for i in positions]) for m in ("a", "v")}
+    y = torch.stack([data[i]["label"] for i in positions])
+    with torch.no_grad():
+        return {m: torch.stack([model.encode(m, x[m])[y == c].mean(0) for c in range(C)]) for m in ("a", "v")}
+
+
+@pytest.mark.parametrize("was_training", [True, False])
+def test_prototype_pass_eval_mode_class_means_and_ema(was_training):
+    """Prototypes = eval-mode class means over the selected positions (BatchNorm statistics used,
+    not updated), the model's mode restored; the next pass blends with mu."""
+    tr = _trainer(bn=True, proto_fraction=0.5, mu=0.25)
+    model = tr.model
+    model.train(was_training)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    tr.method.on_epoch_start(0)
+    assert all(m.training == was_training for m in model.modules())
+    assert all(torch.equal(buffers[k], v) for k, v in model.state_dict().items())
+    ref_model = copy.deepcopy(model).eval()
+    pos0 = prototype_positions(64, 16, 0.5, epoch_seed(5, 0) + 1)
+    P0 = _class_means(ref_model, tr.data.train, pos0)
+    for m in ("a", "v"):
+        assert torch.allclose(tr.method.prototypes[m], P0[m], atol=1e-5), m
+    with torch.no_grad():  # move the encoders, then the second pass blends with mu
+        for p in model.encoders.parameters():
+            p.add_(0.1)
+    tr.method.on_epoch_start(1)
+    pos1 = prototype_positions(64, 16, 0.5, epoch_seed(5, 1) + 1)
+    assert pos1 != pos0
+    P1 = _class_means(copy.deepcopy(model).eval(), tr.data.train, pos1)
+    for m in ("a", "v"):
+        assert torch.allclose(tr.method.prototypes[m], 0.75 * P1[m] + 0.25 * P0[m], atol=1e-5), m
+
+
+def _reference(model, batch, protos, alpha, active):
+    ref = copy.deepcopy(model)
+    out = ref(batch["inputs"])
+    y = batch["label"]
+    loss = F.cross_entropy(out.logits, y)
+    d = {m: -torch.sqrt(((out.features[m][:, None, :] - protos[m][None]) ** 2).sum(-1)) for m in ("a", "v")}
+    s = [float(F.softmax(d[m].detach(), 1).gather(1, y[:, None]).sum()) for m in ("a", "v")]
+    weak = "v" if s[0] > s[1] else "a" if s[0] < s[1] else None
+    if active and weak is not None:
+        loss = loss + alpha * F.cross_entropy(d[weak], y)
+    loss.backward()
+    return {n: p.grad for n, p in ref.named_parameters()}, weak
+
+
+def test_window_boundaries_and_the_reference_step():
+    """Window [1, 2]: the prototypical CE of the weaker modality (weight alpha) is added in
+    epochs 1 and 2 only; epochs 0 and 3 train CE(z) alone."""
+    tr = _trainer(alpha=0.7, modulation_start=1, modulation_end=2)
+    tr.method.on_epoch_start(0)
+    batch = next(iter(tr.loader(tr.data.train, batch_size=32, shuffle=True, seed=1)))
+    for epoch in range(4):
+        tr.epoch = epoch
+        tr.model.train()
+        active = epoch in (1, 2)
+        expected, weak = _reference(tr.model, batch, tr.method.prototypes, 0.7, active)
+        assert weak is not None
+        got = capture_step_grads(tr, batch)
+        for n in expected:
+            assert torch.allclose(got[n], expected[n], atol=1e-5), (epoch, n)
+        d = tr.method.epoch_diagnostics()
+        assert d[f"weak_{weak}"] == float(active)
+
+
+def test_resume_state_round_trip_gives_the_same_next_step():
+    a = _trainer(mu=0.5)
+    a.method.on_epoch_start(0)
+    batch = next(iter(a.loader(a.data.train, batch_size=32, shuffle=True, seed=1)))
+    a.model.train()
+    a.method.training_step(batch)
+    b = _trainer(mu=0.5)
+    b.model.load_state_dict(a.model.state_dict())
+    b.optimizer.load_state_dict(copy.deepcopy(a.optimizer.state_dict()))
+    b.method.load_state_dict(copy.deepcopy(a.method.state_dict()))
+    for t in (a, b):
+        t.method.on_epoch_start(1)  # EMA with the restored prototypes
+        t.model.train()
+    for m in ("a", "v"):
+        assert torch.equal(a.method.prototypes[m], b.method.prototypes[m])
+    ga, gb = capture_step_grads(a, batch), capture_step_grads(b, batch)
+    for n in ga:
+        assert torch.equal(ga[n], gb[n]), n
+
+
+def test_invalid_options():
+    for bad in ({"mu": 1.5}, {"proto_fraction": 0.0}):
+        with pytest.raises(ConfigError):
+            _trainer(**bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes simulated in one: threads with a summing barrier stand in for all_reduce
+import threading
+
+from mmbalance.engine.trainer import Trainer as _Trainer
+
+
+def two_rank_grads(make_trainer, batch, monkeypatch):
+    """Gradients of one ``training_step`` on two simulated ranks (rank r gets the samples
+    ``r::2`` of ``batch``, as the engine's sharded sampler deals them), averaged as the engine
+    averages them; ``all_reduce_sum``/``all_reduce_mean`` sum over the two ranks."""
+    monkeypatch.setattr(_Trainer, "world_size", property(lambda s: getattr(s, "_sim_world", 1)))
+    monkeypatch.setattr(_Trainer, "rank", property(lambda s: getattr(s, "_sim_rank", 0)))
+    ranks = [make_trainer(), make_trainer()]
+    ranks[1].model.load_state_dict(ranks[0].model.state_dict())
+    barrier, box, grads, errors = threading.Barrier(2, timeout=60), {}, {}, []
+
+    def reducer(r, mean=False):
+        def reduce(t):
+            box[r] = t.detach().clone()
+            barrier.wait()
+            total = box[0] + box[1]
+            barrier.wait()
+            return total / 2 if mean else total
+        return reduce
+
+    def shard(x, r):
+        if isinstance(x, dict):
+            return {k: shard(v, r) for k, v in x.items()}
+        return x[r::2]
+
+    def run(r):
+        try:
+            tr = ranks[r]
+            tr._sim_world, tr._sim_rank = 2, r
+            tr.all_reduce_sum, tr.all_reduce_mean = reducer(r), reducer(r, mean=True)
+            tr.model.train()
+            grads[r] = capture_step_grads(tr, shard(batch, r))
+        except Exception as e:  # pragma: no cover - surfaced below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {n: (grads[0][n] + grads[1][n]) / 2 for n in grads[0]}
+
+
+def test_two_processes_with_missing_modalities_equal_one_process(monkeypatch):
+    """With missing modalities the ranks hold different numbers of present samples: the
+    prototypical CE must still be the mean over the global batch's present samples."""
+    def make():
+        tr = Trainer(_cfg(**{"train.batch_size": 32, "train.seed": 5}),
+                     data=tiny_data(64, ("a", "v"), hidden=[8], dropout=0.0, missing=0.5,
+                                    signal={"a": 2.0, "v": 0.3}))
+        tr.method.on_epoch_start(0)
+        return tr
+
+    single = make()
+    batch = next(iter(single.loader(single.data.train, batch_size=32, shuffle=True, seed=1)))
+    assert batch["present"]["a"][0::2].sum() != batch["present"]["a"][1::2].sum()
+    single.model.train()
+    expected = capture_step_grads(single, batch)
+    assert single.method.epoch_diagnostics()["weak_v"] == 1.0  # the PCE term is active
+    got = two_rank_grads(make, batch, monkeypatch)
+    for n in expected:
+        assert torch.allclose(got[n], expected[n], atol=1e-6), n

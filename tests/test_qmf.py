@@ -134,3 +134,211 @@ def test_training_step_adds_per_sample_unimodal_ce_at_the_batch_indices():
         mask[idx] = False
         assert float(h[mask].abs().sum()) == 0.0
 
+
+
+# ---------------------------------------------------------------------------------------------
+# process-count invariance of the ranking pairs, reference step, resume
+import copy
+
+from mmbalance.methods.qmf import gather_global_batch, qmf_global_rank_loss
+from helpers import capture_step_grads, tiny_data
+
+
+def _simulated_reduce(rank, slots_of_others):
+    """all_reduce_sum as rank ``rank`` would see it: its zero-padded slots plus the others'."""
+    def reduce(t):
+        t = t.clone()
+        for q, v in slots_of_others.items():
+            if q != rank:
+                t[q] = v
+        return t
+    return reduce
+
+
+def _rank_loss_by_hand(w, h):
+    """Mean over the pairs (i, i+1 mod B) of max(0, w_hard - w_easy - |h_i - h_j|), 0 on ties."""
+    B = len(w)
+    total = 0.0
+    for i in range(B):
+        j = (i + 1) % B
+        margin = abs(h[i] - h[j])
+        if h[i] > h[j]:
+            total = total + torch.clamp(w[i] - w[j] - margin, min=0)
+        elif h[i] < h[j]:
+            total = total + torch.clamp(w[j] - w[i] - margin, min=0)
+    return total / B
+
+
+def test_gather_global_batch_is_the_single_process_order():
+    world, B = 3, 4
+    glob = torch.arange(world * B, dtype=torch.float32).view(1, -1) * 1.5
+    shards = {r: glob[:, r::world] for r in range(world)}  # what ShardedSampler deals to rank r
+    for r in range(world):
+        got = gather_global_batch(shards[r], r, world, _simulated_reduce(r, shards))
+        assert torch.equal(got, glob)
+    assert gather_global_batch(glob, 0, 1, None) is glob
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_loss_is_process_count_invariant(world):
+    """The loss value of each process equals the single-process loss of the global batch, and the
+    gradients averaged over processes (what the engine does) equal the single-process gradient of
+    a parameter shared by all processes. Pairing within the local batch would not."""
+    g = torch.Generator().manual_seed(0)
+    B = 4 * world
+    x = torch.randn(B, 3, generator=g)
+    hist = torch.rand(B, generator=g)
+    theta = torch.randn(3, generator=g)
+
+    single_theta = theta.clone().requires_grad_(True)
+    single = qmf_rank_loss(x @ single_theta, hist)
+    single.backward()
+    assert float(single.detach()) > 0
+
+    thetas = {r: theta.clone().requires_grad_(True) for r in range(world)}
+    conf = {r: x[r::world] @ thetas[r] for r in range(world)}
+    others = {r: torch.stack([conf[r].detach(), hist[r::world]]) for r in range(world)}
+    local = []
+    for r in range(world):
+        loss = qmf_global_rank_loss(conf[r], hist[r::world], r, world, _simulated_reduce(r, others))
+        assert float(loss.detach()) == pytest.approx(float(single.detach()), rel=1e-6, abs=1e-7)
+        loss.backward()
+        local.append(float(qmf_rank_loss(conf[r].detach(), hist[r::world])))
+    averaged = sum(thetas[r].grad for r in range(world)) / world
+    assert torch.allclose(averaged, single_theta.grad, atol=1e-6)
+    assert abs(sum(local) / world - float(single.detach())) > 1e-4  # local pairing differs from one process
+
+
+def _trainer(**method):
+    over = {f"method.{k}": v for k, v in method.items()}
+    cfg = quick_config("qmf", epochs=1, **{"train.batch_size": 24, **over})
+    return Trainer(cfg, data=tiny_data(48, ("a", "b"), hidden=[8], dropout=0.0))
+
+
+def _batch(tr, seed=0):
+    return next(iter(tr.loader(tr.data.train, batch_size=24, shuffle=True, seed=seed)))
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_training_step_gradients_equal_a_hand_written_reference(detach):
+    lam, T = 0.7, 4.0
+    tr = _trainer(lambda_rank=lam, temperature=T, detach_weights=detach)
+    g = torch.Generator().manual_seed(1)
+    for m in ("a", "b"):  # a non-flat history, so the ranking term is active
+        tr.method.history.values[m] = torch.rand(48, generator=g, dtype=torch.float64) * 3
+    hist = {m: tr.method.history.values[m].clone() for m in ("a", "b")}
+    batch = _batch(tr)
+    idx, y = batch["index"], batch["label"]
+    ref = copy.deepcopy(tr.model)
+    out = ref(batch["inputs"])
+    z = 0
+    loss = 0
+    for m in ("a", "b"):
+        zm = out.unimodal_logits[m]
+        w = torch.log(torch.exp(zm).sum(1)) / T
+        z = z + (w.detach() if detach else w)[:, None] * zm
+        h = (hist[m][idx] - hist[m].min()) / (hist[m].max() - hist[m].min())
+        loss = loss + F.cross_entropy(zm, y) + lam * _rank_loss_by_hand(w, h.float())
+    loss = loss + F.cross_entropy(z, y)
+    loss.backward()
+    tr.model.train()
+    got = capture_step_grads(tr, batch)
+    for n, p in ref.named_parameters():
+        assert torch.allclose(got[n], p.grad, atol=1e-6), n
+    # the history is updated after the step with the detached per-sample CE of each modality
+    for m in ("a", "b"):
+        ce = F.cross_entropy(out.unimodal_logits[m].detach(), y, reduction="none").double()
+        assert torch.allclose(tr.method.history.values[m][idx] - hist[m][idx], ce, atol=1e-6)
+
+
+def test_resume_state_round_trip_gives_the_same_next_step():
+    a = _trainer()
+    a.model.train()
+    a.method.training_step(_batch(a, seed=1))
+    a.method.training_step(_batch(a, seed=2))  # a non-flat history
+    b = _trainer()
+    b.model.load_state_dict(a.model.state_dict())
+    b.optimizer.load_state_dict(copy.deepcopy(a.optimizer.state_dict()))
+    b.method.load_state_dict(copy.deepcopy(a.method.state_dict()))
+    batch = _batch(a, seed=3)
+    b.model.train()
+    ga, gb = capture_step_grads(a, batch), capture_step_grads(b, batch)
+    for n in ga:
+        assert torch.equal(ga[n], gb[n]), n
+    fresh = _trainer()
+    fresh.model.load_state_dict(a.model.state_dict())
+    assert not all(torch.equal(ga[n], g) for n, g in capture_step_grads(fresh, batch).items())  # history matters
+    with pytest.raises(ConfigError):
+        LossHistory(["a"], 5).load_state_dict({"a": torch.zeros(4)})
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes simulated in one: threads with a summing barrier stand in for all_reduce
+import threading
+
+from mmbalance.engine.trainer import Trainer as _Trainer
+
+
+def two_rank_grads(make_trainer, batch, monkeypatch):
+    """Gradients of one ``training_step`` on two simulated ranks (rank r gets the samples
+    ``r::2`` of ``batch``, as the engine's sharded sampler deals them), averaged as the engine
+    averages them; ``all_reduce_sum``/``all_reduce_mean`` sum over the two ranks."""
+    monkeypatch.setattr(_Trainer, "world_size", property(lambda s: getattr(s, "_sim_world", 1)))
+    monkeypatch.setattr(_Trainer, "rank", property(lambda s: getattr(s, "_sim_rank", 0)))
+    ranks = [make_trainer(), make_trainer()]
+    ranks[1].model.load_state_dict(ranks[0].model.state_dict())
+    barrier, box, grads, errors = threading.Barrier(2, timeout=60), {}, {}, []
+
+    def reducer(r, mean=False):
+        def reduce(t):
+            box[r] = t.detach().clone()
+            barrier.wait()
+            total = box[0] + box[1]
+            barrier.wait()
+            return total / 2 if mean else total
+        return reduce
+
+    def shard(x, r):
+        if isinstance(x, dict):
+            return {k: shard(v, r) for k, v in x.items()}
+        return x[r::2]
+
+    def run(r):
+        try:
+            tr = ranks[r]
+            tr._sim_world, tr._sim_rank = 2, r
+            tr.all_reduce_sum, tr.all_reduce_mean = reducer(r), reducer(r, mean=True)
+            tr.model.train()
+            grads[r] = capture_step_grads(tr, shard(batch, r))
+        except Exception as e:  # pragma: no cover - surfaced below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {n: (grads[0][n] + grads[1][n]) / 2 for n in grads[0]}
+
+
+def test_two_processes_equal_one_process_on_the_same_global_batch(monkeypatch):
+    """A whole training step on two simulated processes (the confidences and histories gathered,
+    the gradient scaled for the engine's averaging) gives one process's gradients."""
+    def make():
+        tr = _trainer(lambda_rank=1.0, temperature=0.2)
+        g = torch.Generator().manual_seed(4)
+        for m in ("a", "b"):
+            tr.method.history.values[m] = torch.rand(48, generator=g, dtype=torch.float64)
+        return tr
+
+    single = make()
+    batch = _batch(single)
+    single.model.train()
+    expected = capture_step_grads(single, batch)
+    assert single.method.epoch_diagnostics()["rank_loss"] > 0
+    got = two_rank_grads(make, batch, monkeypatch)
+    for n in expected:
+        assert torch.allclose(got[n], expected[n], atol=1e-6), n

@@ -10,7 +10,8 @@ import os
 from typing import Any, Callable
 
 from ..registry import ConfigError, Registry, check_options
-from .base import ArrayDataset, Batch, DataSplits, make_sample, stratified_split
+from .base import (ArrayDataset, Batch, DataSplits, check_modality_name, make_sample, stratified_split,
+                   validate_splits)
 
 DATASETS: Registry[Callable[..., DataSplits]] = Registry("dataset")
 register_dataset = DATASETS.register
@@ -36,16 +37,31 @@ def list_datasets() -> list[str]:
 
 
 def build_dataset(name: str, **options: Any) -> DataSplits:
-    """Build a dataset by registry name or from a ``.npz`` features file."""
+    """Build a dataset by registry name or from a ``.npz`` features file.
+
+    Options are checked against the builder's signature (an unknown option fails with the list
+    of valid ones, for ``.npz`` files too). A ``.npz`` file is fully validated on load; the
+    splits of a registered dataset are checked by :func:`validate_splits`, which the trainer
+    runs on every dataset before building anything.
+    """
     _import_all()
     if name.endswith(".npz") or (os.path.sep in name and os.path.exists(name)):
         from .features import load_features
 
+        # ``name`` is not an option here: dataset.name is the file itself
+        options = _checked_options(name, load_features, options, skip=("path", "name"))
         return load_features(name, **options)
     factory = DATASETS.get(name)
-    check_options("dataset", name, factory, options)
+    options = _checked_options(name, factory, options)
     return factory(**options)
 
 
-__all__ = ["ArrayDataset", "Batch", "DataSplits", "DATASETS", "build_dataset", "list_datasets",
-           "make_sample", "register_dataset", "stratified_split", "ConfigError"]
+def _checked_options(name: str, factory: Callable[..., Any], options: dict[str, Any],
+                     skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    coerced = check_options("dataset", name, factory, options, skip=skip)
+    return dict(coerced) if isinstance(coerced, dict) else dict(options)
+
+
+__all__ = ["ArrayDataset", "Batch", "DataSplits", "DATASETS", "build_dataset", "check_modality_name",
+           "list_datasets", "make_sample", "register_dataset", "stratified_split", "validate_splits",
+           "ConfigError"]

@@ -9,10 +9,7 @@ foreign or damaged files become one-line :class:`~mmbalance.registry.ConfigError
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
-import os
 import signal
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +17,8 @@ from typing import Any, Iterator
 import torch
 
 from ..registry import ConfigError
-from .checkpoint import load_checkpoint, save_checkpoint, write_json
+from .checkpoint import (json_line, load_checkpoint, load_component_state, load_model_state,
+                         remove_stale_temporaries, save_checkpoint, truncate_metrics, write_json)
 
 log = logging.getLogger("mmbalance")
 
@@ -76,29 +74,6 @@ def install_interrupt_handlers() -> None:
         signal.signal(signal.SIGTERM, interrupt_handler)
 
 
-def _json_safe(obj: Any, where: str, bad: list[str]) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        bad.append(where)
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v, f"{where}.{k}" if where else str(k), bad) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v, f"{where}[{i}]", bad) for i, v in enumerate(obj)]
-    return obj
-
-
-def json_safe(obj: Any, what: str = "") -> Any:
-    """``obj`` with non-finite floats replaced by None (strict JSON has no NaN), logging which
-    keys could not be computed."""
-    bad: list[str] = []
-    out = _json_safe(obj, "", bad)
-    if bad:
-        shown = ", ".join(bad[:6]) + (" ..." if len(bad) > 6 else "")
-        log.warning("%s: %s could not be computed (e.g. a modality absent from every sample of the split, "
-                    "or one class only); written as null", what or "results", shown)
-    return out
-
-
 class RunFolder:
     """A run's folder. ``writes`` is False on ranks other than 0 (they only read)."""
 
@@ -140,16 +115,9 @@ class RunFolder:
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete temporary files left by a process killed while writing (``.last.pt.XXXX``)."""
-        if not self.writes or not self.path.is_dir():
+        if not self.writes:
             return []
-        stale = [c for c in self.path.iterdir()
-                 if c.is_file() and c.name.startswith(".") and any(c.name.startswith(f".{n}.") for n in RUN_FILES)]
-        for c in stale:
-            with contextlib.suppress(OSError):
-                c.unlink()
-        if stale:
-            log.info("removed %d temporary file(s) left by an interrupted write", len(stale))
-        return stale
+        return remove_stale_temporaries(self.path)
 
     # -- writing ---------------------------------------------------------------------------
     def create(self, config_text: str, spec: dict[str, Any]) -> None:
@@ -183,76 +151,37 @@ class RunFolder:
     def append_metrics(self, record: dict[str, Any]) -> None:
         if not self.writes:
             return
-        line = json.dumps(json_safe(record, f"epoch {record.get('epoch')} metrics"), allow_nan=False)
+        line = json_line(record, str(self.path / "metrics.jsonl"))
         with filesystem_errors(self.path / "metrics.jsonl", "write"):
             with open(self.path / "metrics.jsonl", "a") as f:
                 f.write(line + "\n")
 
     def truncate_metrics(self, last_epoch: int) -> None:
         """Drop metric lines after 1-based epoch ``last_epoch`` (written after the checkpoint
-        by a run killed in between)."""
-        mpath = self.path / "metrics.jsonl"
-        if not self.writes or not mpath.exists():
-            return
-        keep = []
-        for ln in mpath.read_text().splitlines():
-            if not ln.strip():
-                continue
-            try:
-                if json.loads(ln)["epoch"] <= last_epoch:
-                    keep.append(ln)
-            except (ValueError, KeyError, TypeError):
-                break  # a torn last line
-        with filesystem_errors(mpath, "write"):
-            mpath.write_text("".join(ln + "\n" for ln in keep))
+        by a run killed in between) and a torn last line."""
+        if self.writes:
+            with filesystem_errors(self.path / "metrics.jsonl", "write"):
+                truncate_metrics(self.path / "metrics.jsonl", last_epoch)
 
     def save(self, name: str, state: dict[str, Any], fingerprint: str) -> None:
         if not self.writes:
             return
         with filesystem_errors(self.path / name, "write"):
-            save_checkpoint(self.path / name, {**state, "fingerprint": fingerprint})
+            save_checkpoint(self.path / name, state, fingerprint=fingerprint, run=str(self.path))
 
     def write_json(self, name: str, obj: Any) -> None:
         if not self.writes:
             return
         with filesystem_errors(self.path / name, "write"):
-            write_json(self.path / name, json_safe(obj, name))
+            write_json(self.path / name, obj)
 
     # -- reading ---------------------------------------------------------------------------
     def load(self, name: str, device: torch.device | str, fingerprint: str | None = None) -> dict[str, Any]:
         """A checkpoint of this run; one line if it is missing, damaged or from another run."""
-        path = self.path / name
-        if not path.exists():
-            raise ConfigError(f"{path} does not exist")
-        if path.stat().st_size == 0:
-            raise ConfigError(f"{path} is empty (interrupted while writing?); delete it and "
-                              f"{'rerun without --resume' if name == 'last.pt' else 'retrain the run'}")
-        try:
-            state = load_checkpoint(path, device)
-        except ConfigError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any unpickling/zip error means a damaged file
-            raise ConfigError(f"{path} is corrupt or truncated ({type(e).__name__}); delete it and "
-                              f"{'rerun without --resume' if name == 'last.pt' else 'retrain the run'}") from None
-        if not isinstance(state, dict) or "model" not in state:
-            raise ConfigError(f"{path} is not an mmbalance checkpoint")
-        saved = state.get("fingerprint")
-        if fingerprint is not None and saved is not None and saved != fingerprint:
-            raise ConfigError(f"{path} was written by a run with another configuration (fingerprint {saved}, "
-                              f"this run {fingerprint}); it cannot be resumed with this config.yaml")
-        return state
+        return load_checkpoint(self.path / name, device, expect_fingerprint=fingerprint, required=("model",))
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, Any], path: Path | str) -> None:
-    """``model.load_state_dict`` with a one-line error when the checkpoint is for another model
-    (another fusion, encoder or number of classes)."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise ConfigError(f"{path} holds weights of another model (another fusion, encoder or class count?): "
-                          f"{first}") from None
 
 
-def is_writable_dir(path: Path) -> bool:
-    return os.access(path, os.W_OK)
+__all__ = ["RunFolder", "deferred_interrupts", "filesystem_errors", "install_interrupt_handlers", "load_component_state",
+           "load_model_state"]

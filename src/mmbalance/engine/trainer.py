@@ -28,7 +28,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() on the 
 
 from .. import __version__
 from ..config import RunConfig, config_fingerprint, dump_yaml, from_dict
-from ..data import DataSplits, build_dataset
+from ..data import DataSplits, build_dataset, validate_splits
 from ..data.missing import apply_missing
 from ..evaluation.probe import probe_accuracy
 from ..methods import Method
@@ -38,10 +38,11 @@ from ..utils import epoch_seed, seed_everything, set_deterministic, to_device, w
 from . import distributed as dist_utils
 from .assembly import (amp_dtype, build_method, check_config, fusion_name, model_spec, resolve_config,
                        resolve_device, spec_to_dict)
+from .checkpoint import checkpoint_fingerprint
 from .inference import predict_batches, split_metrics
 from .loggers import build_loggers
 from .optim import build_optimizer, build_scheduler
-from .rundir import RunFolder, deferred_interrupts, load_model_state
+from .rundir import RunFolder, deferred_interrupts, load_component_state, load_model_state
 
 log = logging.getLogger("mmbalance")
 
@@ -66,11 +67,13 @@ class Trainer:
         check_config(cfg, self.world_size)
         self.method: Method = build_method(cfg)
         self.cfg = resolve_config(cfg, self.method)
-        self.fingerprint = config_fingerprint(self.cfg)
+        self.fingerprint = checkpoint_fingerprint(self.cfg)  # what checkpoints record (evaluate may change probe)
+        self.config_fingerprint = config_fingerprint(self.cfg)  # what results.json records
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.folder = RunFolder(run_dir, writes=self.rank == 0) if run_dir is not None else None
         self.resume = resume
         self.resume_changes = dict(resume_changes or {})
+        self.continue_hint = f"continue with --resume {self.run_dir}"  # an experiment says: rerun it
         if self.folder is not None:
             self.folder.check_resume() if resume else self.folder.check_new()
         tc = self.cfg.train
@@ -83,6 +86,7 @@ class Trainer:
         seed_everything(tc.seed)
 
         self.data = data if data is not None else build_dataset(self.cfg.dataset.name, **self.cfg.dataset.options)
+        validate_splits(self.data, source=self.cfg.dataset.name if data is None else None)
         if self.cfg.dataset.missing_rate:
             self.data = apply_missing(self.data, self.cfg.dataset.missing_rate, self.cfg.dataset.missing_seed)
         self.modalities = self.method.modalities(list(self.data.modalities))
@@ -226,11 +230,15 @@ class Trainer:
         assert self.folder is not None
         st = self.folder.load("last.pt", self.device, self.fingerprint)
         load_model_state(self.model, st["model"], self.folder / "last.pt")
-        self.optimizer.load_state_dict(st["optimizer"])
+        path = self.folder / "last.pt"
+        load_component_state(self.optimizer, st["optimizer"], path, "optimizer")
         if self.scheduler is not None and st.get("scheduler") is not None:
-            self.scheduler.load_state_dict(st["scheduler"])
-        self.method.load_state_dict(st.get("method", {}))
+            load_component_state(self.scheduler, st["scheduler"], path, "scheduler")
+        load_component_state(self.method, st.get("method", {}), path, "method")
         self.start_epoch = int(st["epoch"]) + 1
+        if self.start_epoch >= self.cfg.train.epochs and (self.folder / "results.json").exists():
+            raise ConfigError(f"{self.run_dir} is finished (all {self.cfg.train.epochs} epochs; see its results.json); "
+                              "nothing to resume")
         self.global_step = int(st["global_step"])
         self.best_value = float(st["best_value"])
         self.best_epoch = int(st["best_epoch"])
@@ -338,7 +346,7 @@ class Trainer:
                                         "method": copy.deepcopy(self.method.state_dict()), "epoch": epoch}
             done_this_call += 1
             if tc.stop_after_epochs is not None and done_this_call >= tc.stop_after_epochs and epoch + 1 < tc.epochs:
-                log.info("stopped after %d epoch(s) as asked; continue with --resume %s", done_this_call, self.run_dir)
+                log.info("stopped after %d epoch(s) as asked; %s", done_this_call, self.continue_hint)
                 return None
         return self.finish()
 
@@ -382,7 +390,7 @@ class Trainer:
             "train_seconds": round(self.train_seconds, 3), "device": str(self.device),
             "val": val, "test": test, "method_options": _jsonable(self.method.hparams()),
             "versions": {"mmbalance": __version__, "torch": torch.__version__},
-            "fingerprint": self.fingerprint, "history": getattr(self, "history", []),
+            "fingerprint": self.config_fingerprint, "history": getattr(self, "history", []),
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
 

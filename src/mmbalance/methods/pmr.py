@@ -1,16 +1,17 @@
 """PMR: prototypical modal rebalance (Fan et al., CVPR 2023).
 
 Pure math: :func:`class_sums`, :func:`update_prototypes`, :func:`prototype_logits`,
-:func:`prototype_scores`, :func:`pmr_weak_modalities`; the method class wires them in.
+:func:`prototype_scores`, :func:`pmr_weak_modalities`, :func:`prototype_positions`; the method
+class wires them in.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.data import Subset
 
 from ..engine.seed import epoch_seed
 from ..registry import ConfigError
@@ -68,26 +69,53 @@ def pmr_weak_modalities(scores: Sequence[float] | Tensor) -> list[bool]:
     return [x / best < 1.0 for x in s]
 
 
+def prototype_positions(n: int, batch_size: int, fraction: float, seed: int) -> list[int]:
+    """Training positions the prototype pass reads: the first ``floor(fraction * N_batches)``
+    (at least 1) batches of a seeded shuffle of the ``n`` positions, ``N_batches = ceil(n /
+    batch_size)`` (the official pass breaks after that many batches of the shuffled training
+    loader). Seeded, so every process and a resumed run pick the same samples.
+
+    >>> len(prototype_positions(100, 16, 0.1, 0)), len(prototype_positions(100, 16, 0.5, 0))
+    (16, 48)
+    >>> sorted(prototype_positions(10, 4, 1.0, 3)) == list(range(10))
+    True
+    """
+    n_batches = max(1, int(math.floor(fraction * -(-n // batch_size))))
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    return torch.randperm(n, generator=g)[: min(n, n_batches * batch_size)].tolist()
+
+
 @register_method("pmr", summary="PMR: prototypical CE on the weaker modality (Fan et al. 2023)")
 class PMR(Method):
     """Prototypical Modal Rebalance (Fan et al. 2023; official ``main_Prototype_grad.py``).
 
     Prototypes: at the start of every epoch (= before epoch 0 and after every epoch, as the
-    official code), class means ``c_m,k`` of the encoder features over the first
+    official code), class means ``c_m,k`` of the encoder features over the samples of the first
     ``floor(proto_fraction * N_batches)`` (at least 1) batches of a shuffled pass over the
-    training split, in eval mode, without gradients; ``P <- (1 - mu) P_new + mu P_old``.
-    Sums and counts are all-reduced. A class absent from the pass keeps its old prototype.
+    training split (:func:`prototype_positions`, seeded by the epoch), in eval mode (BatchNorm
+    running statistics used, not updated; no dropout), without gradients; the model's mode is
+    restored afterwards. ``P <- (1 - mu) P_new + mu P_old``. Several processes share the pass
+    (``trainer.shard``) and sum their class sums and counts, so each sample is read once and
+    the prototypes are those of one process. A class absent from the pass keeps its old
+    prototype. (The official code applies the EMA from the third pass on — its pass after the
+    first epoch is called with epoch 0 — and this one from the second; with the CREMA-D
+    ``mu = 0`` the two agree.)
 
-    Rule, per step (as in the public script; the specs give no equation numbers):
+    Rule, per step (as in the public script, fanyunfeng-bit/Modal-Imbalance-PMR
+    ``main_Prototype_grad.py``):
 
     1. ``d_m[i, k] = -||h_m,i - c_m,k||`` (``torch.cdist``);
        ``s^p_m = sum_i softmax(d_m)_{i, y_i}`` (all-reduced sum).
     2. For epochs in ``[modulation_start, modulation_end]``: ``L = CE(z, y) + alpha * sum over the
-       weaker modalities of CE(d_m, y)``; otherwise ``L = CE(z, y)``. For M = 2 the weaker
-       modality is the one with the lower score (ratio rho = s_a / s_v, none on a tie); for
-       M > 2 every modality whose score ratio to the best modality is below 1 gets the
-       prototypical CE (the extension the notes recommend; BalanceBenchmark's OGM-style switch
-       for M > 2 is not used). No gradient scaling.
+       weaker modalities of CE(d_m, y)``; otherwise ``L = CE(z, y)``. CE(d_m, y) is the mean over
+       the samples of the (global) batch where m is present; with several processes, whose
+       shares of those samples differ, it is computed from summed losses and the all-reduced
+       count, so the averaged gradient is one process's. For M = 2 the weaker modality is the
+       one with the lower score (ratio rho = s_a / s_v, none on a tie); for M > 2 every
+       modality whose score ratio to the best modality is below 1 gets the prototypical CE
+       (the direct extension of the two-modality rule; BalanceBenchmark's OGM-style switch for
+       M > 2 is not used). No gradient scaling.
 
     Inference: the fused logits z.
 
@@ -129,29 +157,31 @@ class PMR(Method):
     # -- prototypes --------------------------------------------------------------------------
     @torch.no_grad()
     def compute_prototypes(self, epoch: int) -> None:
-        tr = self.trainer
-        C = tr.data.num_classes
-        bs = tr.cfg.train.batch_size
-        loader = tr.loader(tr.data.train, shuffle=True, batch_size=bs, seed=epoch_seed(tr.cfg.train.seed, epoch) + 1)
-        n_batches = max(1, int(math.floor(self.proto_fraction * len(loader))))
-        mods = self.model.modalities
-        sums = {m: None for m in mods}
-        counts = {m: None for m in mods}
-        was_training = self.model.training
-        self.model.eval()
         from ..engine.trainer import to_device
 
-        for batch in itertools.islice(loader, n_batches):
-            batch = to_device(batch, tr.device)
-            with tr.autocast():
-                feats = self.model.encode_all(batch["inputs"], batch["present"])
-            y = batch["label"]
-            for m in mods:
-                keep = batch["present"][m]  # missing modalities do not shape the prototypes
-                s, c = class_sums(feats[m][keep], y[keep], C)
-                sums[m] = s if sums[m] is None else sums[m] + s
-                counts[m] = c if counts[m] is None else counts[m] + c
-        self.model.train(was_training)
+        tr = self.trainer
+        C = tr.data.num_classes
+        mods = self.model.modalities
+        positions = prototype_positions(len(tr.data.train), tr.cfg.train.batch_size, self.proto_fraction,
+                                        epoch_seed(tr.cfg.train.seed, epoch) + 1)
+        dims = {m: self.model.feature_dim(m) for m in mods}
+        sums = {m: torch.zeros(C, dims[m], device=tr.device) for m in mods}
+        counts = {m: torch.zeros(C, device=tr.device) for m in mods}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in tr.loader(tr.shard(Subset(tr.data.train, positions))):
+                batch = to_device(batch, tr.device)
+                with tr.autocast():
+                    feats = self.model.encode_all(batch["inputs"], batch["present"])
+                y = batch["label"]
+                for m in mods:
+                    keep = batch["present"][m]  # missing modalities do not shape the prototypes
+                    s, c = class_sums(feats[m][keep], y[keep], C)
+                    sums[m] += s
+                    counts[m] += c
+        finally:
+            self.model.train(was_training)
         for m in mods:
             s, c = tr.all_reduce_sum(sums[m]), tr.all_reduce_sum(counts[m])
             self.prototypes[m] = update_prototypes(s, c, self.prototypes.get(m), self.mu)
@@ -169,22 +199,26 @@ class PMR(Method):
         keep = {m: batch["present"][m] for m in mods}
         d = {m: prototype_logits(out.features[m][keep[m]], self.prototypes[m]) for m in mods}
         ym = {m: y[keep[m]] for m in mods}
-        scores = tr.all_reduce_sum(torch.stack([
-            d[m].detach().softmax(1).gather(1, ym[m].view(-1, 1)).sum() for m in mods]))
+        pce_sum = {m: torch.nn.functional.cross_entropy(d[m], ym[m], reduction="sum") for m in mods}
+        # per modality: score sum, PCE sum, nearest-prototype hits, present samples (one all-reduce)
+        stats = tr.all_reduce_sum(torch.stack([torch.stack([
+            d[m].detach().softmax(1).gather(1, ym[m].view(-1, 1)).sum(), pce_sum[m].detach(),
+            (d[m].detach().argmax(1) == ym[m]).sum().float(), keep[m].sum().float()]) for m in mods]))
+        scores, counts = stats[:, 0], stats[:, 3]
         weak = pmr_weak_modalities(scores)
         active = self.in_window(tr.epoch)
         best = float(scores.max())
         for i, m in enumerate(mods):
-            empty = ym[m].numel() == 0  # every sample of the batch misses m
-            pce = self.ce(d[m], ym[m]) if not empty else out.logits.new_zeros(())
-            if active and weak[i] and not empty:
-                loss = loss + self.alpha * pce
+            n = float(counts[i])  # present samples of m in the global batch
+            if active and weak[i] and n > 0:
+                # CE(d_m, y) = the mean over the global batch's present samples; the engine
+                # averages the processes' gradients, hence world_size * local sum / global count
+                loss = loss + self.alpha * pce_sum[m] * (tr.world_size / n)
             self.log(f"weak_{m}", float(active and weak[i]))
             self.log(f"ratio_{m}", float(scores[i]) / best if best > 0 else 1.0)
-            if not empty:
-                self.log(f"pce_{m}", float(pce.detach()))
-            acc = (d[m].detach().argmax(1) == ym[m]).float().mean() if not empty else pce.new_zeros(())
-            self.log(f"proto_acc_{m}", float(tr.all_reduce_mean(acc.float())))
+            if n > 0:
+                self.log(f"pce_{m}", float(stats[i, 1]) / n)
+                self.log(f"proto_acc_{m}", float(stats[i, 2]) / n)
         if len(mods) == 2 and float(scores[1]) > 0:
             self.log("rho", float(scores[0] / scores[1]))
         tr.step(loss)

@@ -1,7 +1,8 @@
 """QMF: quality-aware multimodal fusion with energy confidence (Zhang et al., ICML 2023).
 
 Pure math: :func:`energy_confidence`, :func:`qmf_fuse`, :func:`qmf_rank_target_margin`,
-:func:`qmf_rank_loss`; :class:`LossHistory` keeps the per-sample loss history by dataset index.
+:func:`qmf_rank_loss`, :func:`gather_global_batch`, :func:`qmf_global_rank_loss`;
+:class:`LossHistory` keeps the per-sample loss history by dataset index.
 """
 from __future__ import annotations
 
@@ -73,6 +74,51 @@ def qmf_rank_loss(confidence: Tensor, hist: Tensor) -> Tensor:
     return F.margin_ranking_loss(w, w2 + margin / t_nz, -t, margin=0.0)
 
 
+def gather_global_batch(values: Tensor, rank: int, world: int, all_reduce_sum) -> Tensor:
+    """This process's ``values`` (..., B) and every other process's, in the single-process order
+    of the global batch: (..., world * B).
+
+    The engine deals a global batch to the processes as ``perm[rank::world]``
+    (:class:`~mmbalance.engine.distributed.ShardedSampler`), so position k of rank r's batch is
+    position ``k * world + r`` of the global one. The gather is one ``all_reduce_sum`` of a
+    zero-padded (world, ..., B) tensor (exact: every entry adds zeros only); this process's own
+    slot is ``values`` itself, so gradients flow to its own entries (the others are constants).
+    Every process must pass the same shape. One process: ``values`` unchanged.
+
+    >>> mine = torch.tensor([[1.0, 3.0]])
+    >>> def reduce(t):  # rank 0 of 2; rank 1 holds [[2, 4]]
+    ...     t = t.clone(); t[1] = torch.tensor([[2.0, 4.0]]); return t
+    >>> gather_global_batch(mine, 0, 2, reduce).tolist()
+    [[1.0, 2.0, 3.0, 4.0]]
+    """
+    if world == 1:
+        return values
+    slots = values.new_zeros(world, *values.shape)
+    slots[rank] = values.detach()
+    gathered = all_reduce_sum(slots)
+    parts = [values if r == rank else gathered[r] for r in range(world)]
+    return torch.stack(parts, dim=-1).reshape(*values.shape[:-1], -1)
+
+
+def qmf_global_rank_loss(confidence: Tensor, hist: Tensor, rank: int = 0, world: int = 1,
+                         all_reduce_sum=None) -> Tensor:
+    """:func:`qmf_rank_loss` of the *global* batch, computed on each of ``world`` processes from
+    its local ``confidence`` (B,) and normalised history ``hist`` (B,).
+
+    The pairs (i, roll(i, -1)) are those of the single-process global batch, so the value is the
+    same whatever the number of processes. Each process's loss carries gradient through its own
+    confidences only, and the engine averages gradients over processes after backward; so the
+    gradient (not the value) is multiplied by ``world``: the averaged gradient is then the
+    single-process gradient.
+    """
+    if world == 1:
+        return qmf_rank_loss(confidence, hist)
+    both = torch.stack([confidence.reshape(-1).float(), hist.reshape(-1).float()])
+    glob = gather_global_batch(both, rank, world, all_reduce_sum)
+    loss = qmf_rank_loss(glob[0], glob[1])
+    return loss + (world - 1) * (loss - loss.detach())
+
+
 class LossHistory:
     """Cumulative per-sample loss per modality, indexed by dataset position (``batch["index"]``)."""
 
@@ -121,7 +167,9 @@ class QMF(Method):
     3. ``L = sum_m CE(z_m) + CE(z) + lambda * sum_m L_rank(w_m)``, with the CRL-style ranking loss
        of :func:`qmf_rank_loss` against the min-max-normalised cumulative loss history of that
        modality (min and max over the whole history), computed **before** this step's history
-       update (RGB-D code order).
+       update (RGB-D code order). The pairs (i, roll(i, -1)) are formed over the *global* batch
+       (:func:`qmf_global_rank_loss`: confidences and histories gathered from every process), so
+       several processes pair exactly as one process does on the same global batch.
     4. History: per modality, a tensor over the training split (sized ``len(train)``) to which
        every step adds the detached per-sample CE(z_m), keyed by ``batch["index"]``
        (distributed: the dense increments are all-reduced so every rank holds the global history).
@@ -133,9 +181,11 @@ class QMF(Method):
         lambda_rank: weight of the ranking loss (0.1, RGB-D; the text-image code uses 1).
         detach_weights: detach w_m in the fused logits (False).
 
-    Decisions: the history normalisation is min-max over the stored history (the release's
-    ``max_correctness`` counter is a leftover of CRL; the notes specify min-max); the official
-    history also stores the last confidence, which nothing reads, so it is not kept.
+    Decisions: the history normalisation is min-max over the stored history, as the official
+    ``RGBD-scene-recognition/utils/crl_utils.py`` (its ``max_correctness`` counter is an unused
+    leftover of CRL); a flat history (e.g. the first step) gives zeros where the official code
+    divides by zero; the official history also stores the last confidence, which nothing reads,
+    so it is not kept.
 
     Diagnostics: ``conf_<m>`` (mean confidence), ``rank_loss_<m>``, ``rank_loss`` (sum over
     modalities). Cost: ~1.0x joint training plus an O(N) history.
@@ -177,10 +227,11 @@ class QMF(Method):
         for m in self.model.modalities:
             zm = out.unimodal_logits[m]
             per_sample[m] = F.cross_entropy(zm.float(), y, reduction="none")
-            rank = qmf_rank_loss(w[m], self.history.normalised(m, idx))
+            rank = qmf_global_rank_loss(w[m], self.history.normalised(m, idx), tr.rank, tr.world_size,
+                                        tr.all_reduce_sum)
             loss = loss + per_sample[m].mean() + self.lambda_rank * rank
             rank_total += float(rank.detach())
-            self.log(f"conf_{m}", float(w[m].detach().mean()))
+            self.log(f"conf_{m}", float(tr.all_reduce_mean(w[m].detach().float().mean())))
             self.log(f"rank_loss_{m}", float(rank.detach()))
         self.log("rank_loss", rank_total)
         tr.step(loss)
