@@ -188,6 +188,14 @@ def cmd_list(args: argparse.Namespace, rest: Sequence[str]) -> int:
         reg = dict(sections)[what]
         entry = next(e for e in reg.entries() if e.name == args.name) if args.name in reg else reg.get(args.name)
         print(format_options(what[:-1], args.name, entry.obj, entry.summary, _NOT_OPTIONS.get(what, ())))
+        if what == "methods":
+            from .methods import method_metadata
+
+            md = method_metadata(args.name)
+            if md["paper"]:
+                print(f"paper: {md['paper']} ({md['venue']} {md['year']})")
+            cost = "not measured" if md["step_cost"] is None else f"{md['step_cost']:.2f}x joint"
+            print(f"category: {md['category'] or '-'}; step cost (CPU benchmark): {cost}")
         return 0
     for title, reg in sections:
         if what and what != title:
@@ -195,6 +203,22 @@ def cmd_list(args: argparse.Namespace, rest: Sequence[str]) -> int:
         print(f"{title}:")
         entries = reg.entries()
         w = max((len(e.name) for e in entries), default=0)
+        if title == "methods":
+            from .methods import method_metadata
+
+            rows = []
+            for e in entries:
+                md = method_metadata(e.name)
+                cost = "-" if md["step_cost"] is None else f"{md['step_cost']:.2f}x"
+                rows.append((e.name, md["category"] or "-", f"{md['venue'] or ''} {md['year'] or ''}".strip() or "-",
+                             cost, e.summary))
+            cw = [max(len(r[i]) for r in rows) for i in range(4)]
+            cw = [max(c, len(h)) for c, h in zip(cw, ("name", "category", "venue", "step cost"))]
+            print("  " + "  ".join(h.ljust(cw[i]) for i, h in enumerate(("name", "category", "venue", "step cost")))
+                  + "  summary")
+            for r in rows:
+                print("  " + "  ".join(c.ljust(cw[i]) for i, c in enumerate(r[:4])) + "  " + r[4])
+            continue
         for e in entries:
             print(f"  {e.name.ljust(w)}  {e.summary}")
     if not what:
@@ -327,6 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mmbalance: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head & co.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt as e:
         hint = getattr(args, "interrupt_hint", None) or "nothing was running that can be resumed"
         print(f"mmbalance: interrupted ({e or 'SIGINT'}); {hint}", file=sys.stderr)

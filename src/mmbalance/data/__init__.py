@@ -16,19 +16,21 @@ from .base import (ArrayDataset, Batch, DataSplits, check_modality_name, make_sa
 DATASETS: Registry[Callable[..., DataSplits]] = Registry("dataset")
 register_dataset = DATASETS.register
 
-# Modules that register datasets; imported lazily so a missing optional dependency of one
-# dataset family never breaks the others.
-_DATASET_MODULES = ["uci_mfeat", "av_digits", "audiovisual"]
+# Every module of this package may register datasets: they are discovered on first use (a new
+# dataset family is one new file). Heavy optional dependencies are imported inside the builders.
+_IMPORTED = False
 
 
 def _import_all() -> None:
-    for mod in _DATASET_MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:  # a module not written yet, or a missing optional dep
-            if e.name and e.name.startswith(__name__):
-                continue
-            raise
+    global _IMPORTED
+    if _IMPORTED:
+        return
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    _IMPORTED = True
 
 
 def list_datasets() -> list[str]:

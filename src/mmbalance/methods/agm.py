@@ -91,7 +91,9 @@ def agm_output(responses: Tensor, k: Sequence[float] | Tensor, empty: Tensor | N
     return z if empty is None else z + empty
 
 
-@register_method("agm", summary="AGM: Shapley mono-modal responses, gradient scaled toward a running reference (Li 2023)")
+@register_method("agm", summary="AGM: Shapley mono-modal responses, gradient scaled toward a running reference (Li 2023)",
+                 paper='Li et al., "Boosting Multi-modal Model Performance with Adaptive Gradient Modulation"',
+                 venue='ICCV', year=2023, category='optimisation')
 class AGM(Method):
     """Adaptive Gradient Modulation (Li et al. 2023; official ``GradMod`` / ``CREMAD_main.py``).
 

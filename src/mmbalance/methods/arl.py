@@ -168,7 +168,9 @@ def arl_coefficients(unimodal_logits: Mapping[str, Tensor] | Sequence[Tensor], l
     return arl_coefficients_from_statistics(stats, T=T, estimator=estimator, floor=floor, score=score)
 
 
-@register_method("arl", summary="ARL: inverse-variance gradient scaling (1 + k_m) per encoder + gamma * unimodal losses")
+@register_method("arl", summary="ARL: inverse-variance gradient scaling (1 + k_m) per encoder + gamma * unimodal losses",
+                 paper='Wei et al., "Improving Multimodal Learning via Imbalanced Learning"',
+                 venue='ICCV', year=2025, category='optimisation')
 class ARL(Method):
     """Asymmetric Representation Learning (Wei, Luo, Luo, ICCV 2025; public code
     ``shicaiwei123/ICCV2025-ARL``, ``main_arl_variance.py``).

@@ -122,6 +122,11 @@ class Method:
     """Base class; subclasses set ``name``/``summary`` via :func:`register_method`."""
 
     name: str = "base"
+    #: metadata set by :func:`register_method` (shown by ``mmbalance list methods``)
+    paper: str | None = None
+    venue: str | None = None
+    year: int | None = None
+    category: str | None = None
     #: a fusion the method requires (e.g. ``shared_head``); None = any fusion
     required_fusion: str | None = None
 

@@ -102,7 +102,9 @@ def drop_trailing_single(n: int, batch_size: int, world_size: int = 1, drop_last
     return bool(drop_last) or per_rank % max(batch_size // world_size, 1) == 1
 
 
-@register_method("gblending", summary="G-Blending: losses of unimodal + fused outputs blended by held-out OGR weights")
+@register_method("gblending", summary="G-Blending: losses of unimodal + fused outputs blended by held-out OGR weights",
+                 paper='Wang et al., "What Makes Training Multi-modal Classification Networks Hard?"',
+                 venue='CVPR', year=2020, category='objective')
 class GBlending(Method):
     """Gradient-Blending (Wang et al. 2020).
 

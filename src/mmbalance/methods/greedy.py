@@ -291,7 +291,9 @@ def initial_controller_state() -> dict[str, Any]:
     return {"acc": [0.0, 0.0, 0.0, 0.0], "curating": False, "caring": None, "step": 0, "d": 0.0}
 
 
-@register_method("greedy", summary="Greedy (Wu et al. 2022): MMTM mid-fusion, re-balance the slow branch (2 modalities)")
+@register_method("greedy", summary="Greedy (Wu et al. 2022): MMTM mid-fusion, re-balance the slow branch (2 modalities)",
+                 paper='Wu et al., "Characterizing and Overcoming the Greedy Nature of Learning in Multi-modal Deep Neural Networks"',
+                 venue='ICML', year=2022, category='optimisation')
 class Greedy(Method):
     """Balanced multimodal learning against greedy learning (Wu et al. 2022, Alg. 1 "guided").
 

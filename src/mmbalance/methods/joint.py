@@ -5,7 +5,7 @@ from . import register_method
 from .base import Method
 
 
-@register_method("joint", summary="plain joint training of the fused loss CE(z, y), any fusion")
+@register_method("joint", summary="plain joint training of the fused loss CE(z, y), any fusion", category='baseline')
 class Joint(Method):
     """Minimise CE(z, y) on the fused logits; unimodal logits are only evaluated.
 

@@ -43,7 +43,9 @@ def _snapshot(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-@register_method("mses", summary="MSES: modality-specific early stopping (freeze an encoder when its val loss stalls)")
+@register_method("mses", summary="MSES: modality-specific early stopping (freeze an encoder when its val loss stalls)",
+                 paper='Fujimori et al., "Modality-specific Learning Rate Control for Multimodal Classification"',
+                 venue='ACPR', year=2019, category='optimisation')
 class MSES(Method):
     """Modality-Specific Early Stopping (Fujimori et al. 2019).
 

@@ -105,7 +105,9 @@ def mslr_smooth_multiplier(rate: float, epoch: int, epochs: int) -> float:
     return float(rate) + (1.0 - float(rate)) * t
 
 
-@register_method("mslr", summary="MSLR: modality-specific learning rates (keep / smooth / dynamic from val accuracy)")
+@register_method("mslr", summary="MSLR: modality-specific learning rates (keep / smooth / dynamic from val accuracy)",
+                 paper='Yao, Mihalcea, "Modality-specific Learning Rates for Effective Multimodal Additive Late-fusion"',
+                 venue='ACL Findings', year=2022, category='optimisation')
 class MSLR(Method):
     """Modality-Specific Learning Rates (Yao & Mihalcea 2022).
 

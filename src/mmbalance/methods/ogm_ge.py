@@ -79,7 +79,9 @@ def ogm_modulate_(params: Iterable[nn.Parameter], k: float, ge: bool = True,
             g.add_(noise.to(g.dtype), alpha=std)
 
 
-@register_method("ogm_ge", summary="OGM-GE: damp the dominant modality's encoder gradients + Gaussian noise (Peng 2022)")
+@register_method("ogm_ge", summary="OGM-GE: damp the dominant modality's encoder gradients + Gaussian noise (Peng 2022)",
+                 paper='Peng et al., "Balanced Multimodal Learning via On-the-fly Gradient Modulation"',
+                 venue='CVPR', year=2022, category='optimisation')
 class OGMGE(Method):
     """On-the-fly Gradient Modulation with Generalisation Enhancement (Peng et al. 2022).
 

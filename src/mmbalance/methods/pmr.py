@@ -86,7 +86,9 @@ def prototype_positions(n: int, batch_size: int, fraction: float, seed: int) -> 
     return torch.randperm(n, generator=g)[: min(n, n_batches * batch_size)].tolist()
 
 
-@register_method("pmr", summary="PMR: prototypical CE on the weaker modality (Fan et al. 2023)")
+@register_method("pmr", summary="PMR: prototypical CE on the weaker modality (Fan et al. 2023)",
+                 paper='Fan et al., "PMR: Prototypical Modal Rebalance for Multimodal Learning"',
+                 venue='CVPR', year=2023, category='objective')
 class PMR(Method):
     """Prototypical Modal Rebalance (Fan et al. 2023; official ``main_Prototype_grad.py``).
 

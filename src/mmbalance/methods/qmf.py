@@ -149,7 +149,9 @@ class LossHistory:
                 self.values[m] = v.to(self.values[m].device, self.values[m].dtype)
 
 
-@register_method("qmf", summary="QMF: energy-confidence dynamic late fusion + history ranking loss (Zhang 2023)")
+@register_method("qmf", summary="QMF: energy-confidence dynamic late fusion + history ranking loss (Zhang 2023)",
+                 paper='Zhang et al., "Provable Dynamic Fusion for Low-Quality Multimodal Data"',
+                 venue='ICML', year=2023, category='feed-forward')
 class QMF(Method):
     """Quality-aware multimodal fusion (Zhang et al. 2023, official RGB-D code ``models/QMF.py``).
 

@@ -6,7 +6,7 @@ from . import register_method
 from .base import Method
 
 
-@register_method("unimodal", summary="train one chosen modality alone (its encoder + a linear head)")
+@register_method("unimodal", summary="train one chosen modality alone (its encoder + a linear head)", category='baseline')
 class Unimodal(Method):
     """Train ``modality``'s encoder with a linear head on CE; the other modalities are dropped
     from the model and the data, so the run's fused metrics are that modality's.

@@ -334,7 +334,8 @@ class _Valuation(Joint):
 
 
 @register_method("sample_valuation",
-                 summary="per-sample Shapley valuation; unimodal copies of low-contributing modalities")
+                 summary="per-sample Shapley valuation; unimodal copies of low-contributing modalities",
+                 paper='Wei et al., "Enhancing Multimodal Cooperation via Sample-level Modality Valuation"', venue="CVPR", year=2024, category="data")
 class SampleValuation(_Valuation):
     """Sample-level valuation (Wei et al., CVPR 2024, Sec. 3 and supplement Eq. 7).
 
@@ -411,7 +412,8 @@ STRATEGIES = ("resample", "modality_drop", "data_mask")
 
 
 @register_method("modality_valuation",
-                 summary="Shapley valuation on a subset; enhance the weakest modality with probability p")
+                 summary="Shapley valuation on a subset; enhance the weakest modality with probability p",
+                 paper='Wei et al., "Enhancing Multimodal Cooperation via Sample-level Modality Valuation"', venue="CVPR", year=2024, category="data")
 class ModalityValuation(_Valuation):
     """Modality-level valuation (Wei et al., CVPR 2024, Sec. 3 and supplement Eq. 8).
 

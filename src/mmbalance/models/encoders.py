@@ -17,19 +17,24 @@ from ..registry import Registry, check_options
 ENCODERS: Registry[Callable[..., nn.Module]] = Registry("encoder")
 register_encoder = ENCODERS.register
 
-_ENCODER_MODULES = ["resnet"]
+_IMPORTED = False
 
 
 def _import_all() -> None:
+    """Every module of ``mmbalance.models`` may register encoders: discovered on first use (a new
+    encoder family is one new file; heavy optional dependencies are imported inside factories)."""
+    global _IMPORTED
+    if _IMPORTED:
+        return
     import importlib
+    import pkgutil
 
-    for mod in _ENCODER_MODULES:
-        try:
-            importlib.import_module(f"mmbalance.models.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("mmbalance"):
-                continue
-            raise
+    from .. import models
+
+    for info in pkgutil.iter_modules(models.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"mmbalance.models.{info.name}")
+    _IMPORTED = True
 
 
 def list_encoders() -> list[str]:
