@@ -179,3 +179,20 @@ def test_probe_separates_separable_features_and_not_noise():
     assert probe_accuracy(x[:100], y[:100], x[100:], y[100:], 4) > 0.95
     noise = torch.randn(200, 8, generator=g)
     assert probe_accuracy(noise[:100], y[:100], noise[100:], y[100:], 4) < 0.5
+
+
+def test_drop_last_rule_for_one_sample_trailing_batches(monkeypatch):
+    """The training loader (and methods' auxiliary loaders) drop a trailing batch of one sample
+    (BatchNorm cannot train on it); with two processes each gets n // 2 samples."""
+    from mmbalance.engine import trainer as trainer_mod
+    from helpers import quick_config
+
+    tr = Trainer(quick_config("joint", epochs=1, **{"train.batch_size": 16}))
+    assert tr.drop_last_for(49) and tr.drop_last_for(17)
+    assert not tr.drop_last_for(48) and not tr.drop_last_for(50)
+    monkeypatch.setattr(type(tr), "world_size", property(lambda self: 2))
+    # per-process batch 8: 34 or 35 samples -> 17 per process -> a trailing batch of 1; 33 -> 16
+    assert tr.drop_last_for(34) and tr.drop_last_for(35)
+    assert not tr.drop_last_for(33) and not tr.drop_last_for(36)
+    tr.cfg.train.drop_last = True
+    assert tr.drop_last_for(32)

@@ -5,7 +5,8 @@ import torch
 from torch.utils.data import Dataset
 
 from mmbalance.config import load_config
-from mmbalance.engine.trainer import Trainer, to_device
+from mmbalance.engine.trainer import Trainer
+from mmbalance.utils import to_device
 from mmbalance.methods.gblending import gblending_weights, holdout_split
 from mmbalance.registry import ConfigError
 from helpers import tiny_data as make_tiny_data
@@ -128,7 +129,7 @@ import torch.nn.functional as F
 
 from mmbalance.engine.seed import epoch_seed
 from mmbalance.engine.trainer import fusion_name
-from mmbalance.methods.gblending import FUSED, BlendingHeads, drop_trailing_single
+from mmbalance.methods.gblending import FUSED, BlendingHeads
 from helpers import capture_step_grads
 
 
@@ -139,16 +140,6 @@ def bn_data(n=60, seed=0):
 
 def first_batch(tr, n=16):
     return to_device(next(iter(tr.loader(tr.data.train, batch_size=n))), tr.device)
-
-
-def test_drop_trailing_single_rule():
-    assert drop_trailing_single(49, 16) and drop_trailing_single(17, 16)
-    assert not drop_trailing_single(48, 16) and not drop_trailing_single(50, 16)
-    assert drop_trailing_single(48, 16, drop_last=True)
-    # two processes, per-process batch 8: 34 or 35 samples -> 17 per process (the engine leaves the
-    # last n mod 2 out) -> a trailing batch of 1; 33 -> 16 per process
-    assert drop_trailing_single(34, 16, 2) and drop_trailing_single(35, 16, 2)
-    assert not drop_trailing_single(33, 16, 2) and not drop_trailing_single(36, 16, 2)
 
 
 def test_estimation_with_a_one_sample_trailing_batch_and_batchnorm():
@@ -247,8 +238,9 @@ def test_loss_pass_is_an_eval_mode_mean_over_the_dataset():
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     ds = torch.utils.data.Subset(tr.data.train, list(range(23)))
     got = tr.method._mean_loss(model, ds, "b")
-    assert not model.training  # the pass ran in eval mode ...
-    assert all(torch.equal(buffers[k], model.state_dict()[k]) for k in buffers)  # ... and left BN alone
+    assert model.training  # the model's mode is restored after the pass ...
+    assert all(torch.equal(buffers[k], model.state_dict()[k]) for k in buffers)  # ... which ran in eval mode
+    model.eval()
     with torch.no_grad():
         x = torch.stack([ds[i]["inputs"]["b"] for i in range(23)])
         y = torch.stack([ds[i]["label"] for i in range(23)])

@@ -1,5 +1,6 @@
 """MLA: OWM projector, head-weight-only projection, update order, per-sample entropy fusion,
 alternation touching only the scheduled encoder, missing modalities, resume state."""
+import copy
 import math
 
 import numpy as np
@@ -80,7 +81,7 @@ def test_entropy_weights_are_per_sample_and_sum_to_one():
 
 
 # ----------------------------------------------------------------------------- training step
-def _splits(dims=(6, 6), n=48, C=3, present=None, seed=0):
+def _splits(dims=(6, 6), n=48, C=3, present=None, seed=0, batchnorm=False):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, C, n)
     arrays = {f"m{i}": (rng.normal(size=(n, d)) + (1.5 - i * 0.5) * y[:, None]).astype(np.float32)
@@ -89,99 +90,146 @@ def _splits(dims=(6, 6), n=48, C=3, present=None, seed=0):
     return DataSplits(train=ds, val=ds, test=ds, modalities=list(arrays), num_classes=C,
                       input_shapes={m: (d,) for m, d in zip(arrays, dims)},
                       default_encoders={m: "mlp" for m in arrays},
-                      encoder_options={m: {"hidden": [8, 8], "dropout": 0.0} for m in arrays})
+                      encoder_options={m: {"hidden": [8, 8], "dropout": 0.0, "batchnorm": batchnorm} for m in arrays})
 
 
-def _trainer(dims=(6, 6), present=None, optimizer="sgd", encoder_width=None, **opts):
+def _trainer(dims=(6, 6), present=None, optimizer="sgd", encoder_width=None, batchnorm=False, **opts):
     over = {"train.epochs": 2, "method.name": "mla", "train.progress": "off", "train.probe": False,
             "train.batch_size": 16, "optim.name": optimizer, "optim.weight_decay": 0.0}
     over.update({f"method.{k}": v for k, v in opts.items()})
-    data = _splits(dims, present=present)
+    data = _splits(dims, present=present, batchnorm=batchnorm)
     if encoder_width is not None:  # unequal encoder output widths -> the fusion projects them
         for m, w in zip(data.modalities, encoder_width):
             data.encoder_options[m] = {"hidden": [8, w], "dropout": 0.0}
     return Trainer(load_config(None, over), run_dir=None, data=data)
 
 
+def _batches(tr, k=3):
+    return [b for _, b in zip(range(k), tr.loader(tr.data.train, batch_size=16))]
+
+
 def _batch(tr):
-    return next(iter(tr.loader(tr.data.train, batch_size=16)))
-
-
-def _plain_head_grads(tr, batch, m):
-    """Unprojected head gradients and the batch-mean head input for modality m."""
-    f = tr.model.fusion
-    tr.zero_grad()
-    pres = batch["present"][m]
-    u = f.head_input(m, tr.model.encode(m, batch["inputs"][m][pres]))
-    torch.nn.functional.cross_entropy(f.head(u), batch["label"][pres]).backward()
-    out = f.head.weight.grad.clone(), f.head.bias.grad.clone(), u.detach().mean(0)
-    tr.zero_grad()
-    return out
+    return _batches(tr, 1)[0]
 
 
 def _captured_step(tr, batch):
-    grads = []
+    """Run one training_step; per optimizer step, the parameters and gradients it is handed."""
+    seen = []
     real = tr.optimizer_step
 
     def capture():
-        grads.append({n: p.grad.detach().clone() for n, p in tr.model.named_parameters() if p.grad is not None})
+        seen.append(({n: p.detach().clone() for n, p in tr.model.named_parameters()},
+                     {n: p.grad.detach().clone() for n, p in tr.model.named_parameters() if p.grad is not None}))
         real()
 
     tr.optimizer_step = capture
-    tr.method.training_step(batch)
-    tr.optimizer_step = real
-    return grads
+    try:
+        tr.method.training_step(batch)
+    finally:
+        tr.optimizer_step = real
+    return seen
 
 
-@pytest.mark.parametrize("order", ["before", "after"])
-def test_head_weight_projected_bias_never_and_update_order(order):
-    tr = _trainer(update_order=order, alpha=0.1)
-    batch = _batch(tr)
+def _reference(tr, params, batch, m):
+    """Plain autograd on a copy holding ``params``: mean CE through encoder m, its projection and
+    the shared head over the samples where m is present; returns the gradients and hbar."""
+    ref = copy.deepcopy(tr.model)
+    ref.load_state_dict(params, strict=False)
+    ref.train()
+    pres = batch["present"][m]
+    f = ref.fusion
+    u = f.proj[m](ref.encoders[m](batch["inputs"][m][pres]))
+    loss = torch.nn.functional.cross_entropy(f.head(u), batch["label"][pres])
+    names = [n for n, _ in ref.named_parameters()]
+    grads = torch.autograd.grad(loss, list(ref.parameters()), allow_unused=True)
+    return {n: g for n, g in zip(names, grads) if g is not None}, u.detach().mean(0)
+
+
+CASES = [  # (options, description)
+    ({}, "defaults: schedule all, before, first step unprojected"),
+    ({"project_first_step": True}, "first step projected"),
+    ({"update_order": "after"}, "classic OWM order"),
+    ({"update_order": "after", "project_first_step": True}, "after, first step enters P"),
+    ({"schedule": "alternate"}, "t mod M"),
+    ({"gradient_modification": False}, "ablation"),
+    ({"alpha_schedule": "official", "normalize_P": True, "alpha": 0.5}, "public-code alpha and norm"),
+]
+
+
+@pytest.mark.parametrize("opts", [c[0] for c in CASES], ids=[c[1] for c in CASES])
+def test_training_steps_equal_hand_written_reference(opts):
+    """Every optimizer step over three batches (some samples missing m0): the gradients equal plain
+    autograd of the mean CE over m's present samples, through encoder m and the shared head only;
+    the head weight gradient right-multiplied by the reference P (bias never), P built by the
+    reference recursion with the paper's order, first-step rule, alpha and normalisation."""
+    n = 48
+    present = {"m0": np.arange(n) % 4 != 0}
+    tr = _trainer(present=present, **opts)
+    meth = tr.method
+    meth.on_epoch_start(0)
+    meth.train_dataset(0, tr.data.train)  # batches per epoch, for the official alpha schedule
+    assert meth._batches_per_epoch == 3
+    mods = tr.model.modalities
+    o = {"schedule": "all", "update_order": "before", "project_first_step": False, "gradient_modification": True,
+         "alpha_schedule": "constant", "normalize_P": False, "alpha": 0.1, **opts}
     d = tr.model.fusion.head.in_features
-    m0, m1 = tr.model.modalities
-    # step 1 (modality m0)
-    gW, gb, hbar = _plain_head_grads(tr, batch, m0)
-    [got] = _captured_step(tr, batch)
-    P1 = owm_update(torch.eye(d), hbar, 0.1)
-    assert torch.allclose(got["fusion.head.bias"], gb, atol=1e-7)  # bias untouched
-    want = gW @ P1 if order == "before" else gW  # after: P = I for the very first step
-    assert torch.allclose(got["fusion.head.weight"], want, atol=1e-6)
-    assert torch.allclose(tr.method.P, P1, atol=1e-6)  # P holds the current batch in both orders
-    # step 2 (modality m1): before projects with P updated by m1's features, after with P1
-    gW2, gb2, hbar2 = _plain_head_grads(tr, batch, m1)
-    [got2] = _captured_step(tr, batch)
-    P2 = owm_update(P1, hbar2, 0.1)
-    assert torch.allclose(got2["fusion.head.bias"], gb2, atol=1e-7)
-    want2 = gW2 @ (P2 if order == "before" else P1)
-    assert torch.allclose(got2["fusion.head.weight"], want2, atol=1e-5)
-    assert torch.allclose(tr.method.P, P2, atol=1e-5)
-    diag = tr.method.epoch_diagnostics()
-    assert {"P_fro", "grad_ratio", f"grad_ratio_{m0}", f"grad_ratio_{m1}", f"loss_{m0}"} <= set(diag)
-    assert diag["P_fro"] < math.sqrt(d)
+    P, steps, t = torch.eye(d), 0, 0
+    for i, batch in enumerate(_batches(tr)):
+        assert 0 < int(batch["present"]["m0"].sum()) < 16
+        seen = _captured_step(tr, batch)
+        order = list(mods) if o["schedule"] == "all" else [mods[t % 2]]
+        assert len(seen) == len(order)
+        alpha = o["alpha"] * (0.1 ** (i / 3) if o["alpha_schedule"] == "official" else 1.0)
+        for (params, got), m in zip(seen, order):
+            want, hbar = _reference(tr, params, batch, m)
+            assert set(got) == set(want)  # only encoder m (+ projection) and the head
+            assert all(k.startswith(("fusion.head.", f"encoders.{m}.", f"fusion.proj.{m}")) for k in got)
+            first = steps == 0 and not o["project_first_step"]
+            gW = want["fusion.head.weight"]
+            if o["gradient_modification"] and not first:
+                if o["update_order"] == "before":
+                    P = owm_update(P, hbar, alpha, o["normalize_P"])
+                gW = gW @ P
+                if o["update_order"] == "after":
+                    P = owm_update(P, hbar, alpha, o["normalize_P"])
+            steps += 1
+            for k in want:
+                w = gW if k == "fusion.head.weight" else want[k]
+                assert torch.allclose(got[k], w, rtol=1e-4, atol=1e-6), (i, m, k)
+        t += 1
+        assert torch.allclose(meth.P, P, atol=1e-5)
+    if o["gradient_modification"]:
+        assert not torch.allclose(P, torch.eye(d))
+    diag = meth.epoch_diagnostics()
+    assert diag["alpha"] == pytest.approx(sum(o["alpha"] * (0.1 ** (i / 3) if o["alpha_schedule"] == "official"
+                                                          else 1.0) for i in range(3)) / 3)
+    if o["gradient_modification"]:
+        assert {"P_fro", "grad_ratio", f"loss_{mods[0]}"} <= set(diag)
 
 
-def test_before_projection_removes_the_current_mean_feature_direction():
-    """'before': the projected gradient barely moves the head along hbar (small alpha)."""
-    tr = _trainer(update_order="before", alpha=1e-4)
-    batch = _batch(tr)
-    _, _, hbar = _plain_head_grads(tr, batch, tr.model.modalities[0])
-    [got] = _captured_step(tr, batch)
-    assert float((got["fusion.head.weight"] @ hbar).abs().max()) < 1e-3 * float(hbar.norm())
-
-
-def test_gradient_modification_off_leaves_gradient_and_P():
-    tr = _trainer(gradient_modification=False)
-    batch = _batch(tr)
-    gW, gb, _ = _plain_head_grads(tr, batch, tr.model.modalities[0])
-    [got] = _captured_step(tr, batch)
-    assert torch.allclose(got["fusion.head.weight"], gW, atol=1e-7)
-    assert torch.equal(tr.method.P, torch.eye(tr.model.fusion.head.in_features))
+def test_first_step_is_unprojected_and_leaves_P():
+    """P_1 = I: the very first modality step is not projected and does not enter P (Eq. 4's
+    recursion starts at the second step; public code GSPlugin skips exp_count 0); the second is
+    projected with the P of its own features alone."""
+    tr = _trainer(schedule="alternate", alpha=1e-4)
+    b1, b2 = _batches(tr, 2)
+    [(p1, g1)] = _captured_step(tr, b1)
+    want1, _ = _reference(tr, p1, b1, "m0")
+    assert torch.allclose(g1["fusion.head.weight"], want1["fusion.head.weight"], atol=1e-7)
+    assert torch.equal(tr.method.P, torch.eye(8)) and tr.method._steps == 1
+    assert "grad_ratio" not in tr.method.epoch_diagnostics()
+    [(p2, g2)] = _captured_step(tr, b2)
+    want2, hbar2 = _reference(tr, p2, b2, "m1")
+    # small alpha: the projected head gradient barely moves the head along hbar
+    assert float((g2["fusion.head.weight"] @ hbar2).abs().max()) < 1e-3 * float(hbar2.norm())
+    assert float((want2["fusion.head.weight"] @ hbar2).abs().max()) > 1e-2 * float(hbar2.norm())
+    assert torch.allclose(tr.method.P, owm_update(torch.eye(8), hbar2, 1e-4), atol=1e-6)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_alternating_step_changes_only_the_scheduled_encoder(optimizer):
     # three modalities of unequal encoder widths: the fusion projects them to a common width
-    tr = _trainer(dims=(6, 4, 5), optimizer=optimizer, encoder_width=(8, 5, 8))
+    tr = _trainer(dims=(6, 4, 5), optimizer=optimizer, encoder_width=(8, 5, 8), schedule="alternate")
     mods = tr.model.modalities
     assert not isinstance(tr.model.fusion.proj[mods[1]], torch.nn.Identity)
     batch = _batch(tr)
@@ -199,36 +247,153 @@ def test_alternating_step_changes_only_the_scheduled_encoder(optimizer):
                 assert moved == (owner == m_t), (t, n)
 
 
-def test_schedule_all_steps_every_modality_on_one_batch():
-    tr = _trainer(schedule="all")
+def test_alpha_schedule_resets_each_epoch():
+    """official alpha: alpha 0.1^(i/n) from batch 0 of every epoch (first and last batch)."""
+    tr = _trainer(alpha_schedule="official")
+    meth = tr.method
     batch = _batch(tr)
-    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
-    grads = _captured_step(tr, batch)
-    assert len(grads) == 2  # one optimizer step per modality
-    assert all(not torch.equal(before[n], p) for n, p in tr.model.named_parameters())
-    # each optimizer step sees exactly one encoder's gradients
-    assert all(sum(1 for n in g if n.startswith(f"encoders.{m}.")) > 0 and
-               all(not n.startswith(f"encoders.{o}.") for n in g for o in tr.model.modalities if o != m)
-               for g, m in zip(grads, tr.model.modalities))
+    for epoch in range(2):
+        meth.on_epoch_start(epoch)
+        meth.train_dataset(epoch, tr.data.train)
+        seen = []
+        for _ in range(3):
+            meth.training_step(batch)
+            seen.append(meth.epoch_diagnostics()["alpha"])
+        assert seen == pytest.approx([0.1, 0.1 ** (1 + 1 / 3), 0.1 ** (1 + 2 / 3)])
 
 
-def test_absent_samples_are_skipped_in_their_modality_steps():
-    n = 48
-    present = {"m0": np.arange(n) % 3 != 0}
-    tr = _trainer(present=present)
+def test_missing_modality_everywhere_skips_the_step():
+    """One process, a batch without any sample of m1: its step changes nothing (no NaN, no P
+    update, no optimizer step) and the other modality's step still runs."""
+    tr = _trainer()
     batch = _batch(tr)
-    pres = batch["present"]["m0"]
-    assert 0 < int(pres.sum()) < len(pres)
-    _, _, hbar = _plain_head_grads(tr, batch, "m0")  # mean over present samples only
     tr.method.training_step(batch)
-    assert torch.allclose(tr.method.P, owm_update(torch.eye(hbar.numel()), hbar, 0.1), atol=1e-6)
-    # a batch where m1 is absent everywhere: its step does nothing
     batch["present"]["m1"] = torch.zeros_like(batch["present"]["m1"])
-    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    batch["inputs"]["m1"] = torch.full_like(batch["inputs"]["m1"], float("nan"))  # never read
     P = tr.method.P.clone()
+    seen = _captured_step(tr, batch)
+    assert len(seen) == 1 and not any(k.startswith("encoders.m1.") for k in seen[0][1])
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    tr.method.schedule = "alternate"
+    tr.method._t = 1  # m1's turn: the whole step is skipped
     assert tr.method.training_step(batch) == {}
     assert all(torch.equal(before[k], v) for k, v in tr.model.state_dict().items())
+    assert not torch.equal(tr.method.P, P)  # (m0's step above did update P)
+    P = tr.method.P.clone()
+    tr.method._t = 1
+    tr.method.training_step(batch)
     assert torch.equal(tr.method.P, P)
+
+
+def test_single_present_sample_with_batchnorm():
+    """One present sample: BatchNorm runs on its running statistics (one-sample batch statistics
+    are undefined) instead of failing; the step trains on that sample and leaves the buffers."""
+    tr = _trainer(batchnorm=True, schedule="alternate")
+    batch = _batch(tr)
+    batch["present"]["m0"] = torch.zeros_like(batch["present"]["m0"])
+    batch["present"]["m0"][3] = True
+    bufs = {k: v.clone() for k, v in tr.model.state_dict().items() if "running" in k or "num_batches" in k}
+    [(params, got)] = _captured_step(tr, batch)
+    ref = copy.deepcopy(tr.model)
+    ref.load_state_dict(params, strict=False)
+    ref.eval()  # (no dropout here: eval differs from train only in BatchNorm)
+    x, y = batch["inputs"]["m0"][3:4], batch["label"][3:4]
+    loss = torch.nn.functional.cross_entropy(ref.fusion.head(ref.encoders["m0"](x)), y)
+    g = torch.autograd.grad(loss, ref.encoders["m0"].net[1].weight)[0]
+    assert torch.allclose(got["encoders.m0.net.1.weight"], g, atol=1e-6)
+    assert all(torch.equal(v, tr.model.state_dict()[k]) for k, v in bufs.items())
+    assert all(mod.training for mod in tr.model.modules())
+
+
+class _Collectives:
+    """Stand-ins for the collective calls of one rank of two: records their sequence and the
+    gradient tensors averaged; ``others`` is what the other rank adds to every all-reduce."""
+
+    def __init__(self, monkeypatch, tr, others=1.0):
+        from mmbalance.engine import distributed as du
+
+        self.calls = []
+        self.shapes = []
+
+        def all_reduce_sum(t):
+            self.calls.append(("all_reduce_sum", tuple(t.shape)))
+            return t + others
+
+        def average_gradients(params):
+            grads = [(n, p.grad) for n, p in tr.model.named_parameters() if p.grad is not None]
+            self.calls.append(("average_gradients", len(grads)))
+            self.shapes.append([(n, tuple(g.shape)) for n, g in grads])
+            self.grads = {n: g.clone() for n, g in grads}
+
+        monkeypatch.setattr(tr, "all_reduce_sum", all_reduce_sum)
+        monkeypatch.setattr(du, "average_gradients", average_gradients)
+        monkeypatch.setattr(du, "broadcast_buffers", lambda module: self.calls.append(("broadcast_buffers",)))
+
+
+@pytest.mark.parametrize("schedule", ["all", "alternate"])
+def test_absent_modality_on_this_rank_makes_the_same_collective_calls(monkeypatch, schedule):
+    """A rank whose share of the batch has no sample of a modality must make the same collective
+    calls, averaging gradients of the same parameters, as a rank that has them (otherwise the
+    ranks' collectives fall out of step); its contribution is zero. BatchNorm buffers stay and
+    every module is back in train mode after the zero-weight placeholder pass."""
+    runs = {}
+    for case in ("present", "absent"):
+        tr = _trainer(batchnorm=True, schedule=schedule)
+        batch = _batch(tr)
+        if case == "absent":
+            for m in tr.model.modalities:
+                batch["present"][m] = torch.zeros_like(batch["present"][m])
+                batch["inputs"][m] = torch.full_like(batch["inputs"][m], float("nan"))  # never read
+        rec = _Collectives(monkeypatch, tr)
+        buffers = {k: v.clone() for k, v in tr.model.state_dict().items() if "running" in k or "num_batches" in k}
+        tr.method.training_step(batch)
+        runs[case] = (rec, tr, buffers)
+    (p, _, _), (a, tr, buffers) = runs["present"], runs["absent"]
+    assert a.calls == p.calls and len(a.calls) > 0
+    assert a.shapes == p.shapes
+    assert all(float(g.abs().max()) == 0.0 for g in a.grads.values())
+    assert all(torch.equal(v, tr.model.state_dict()[k]) for k, v in buffers.items())
+    assert all(mod.training for mod in tr.model.modules())
+
+
+def test_loss_is_the_global_mean_over_present_samples(monkeypatch):
+    """Several processes: the local loss sum is scaled by world / global count, so the averaged
+    gradient is the gradient of the mean over the global batch's present samples."""
+    tr = _trainer(schedule="alternate", project_first_step=True)
+    batch = _batch(tr)
+    params = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    want, hbar = _reference(tr, params, batch, "m0")
+    rec = _Collectives(monkeypatch, tr, others=0.0)
+    monkeypatch.setattr(type(tr), "world_size", property(lambda self: 2))
+    # the other rank holds 3x as many present samples: global count N = 4n
+    monkeypatch.setattr(tr, "all_reduce_sum", lambda t: t * 4)
+    tr.method.training_step(batch)
+    # this rank's gradient before averaging: world x sum / N = 2 n mean / 4n = half the local mean's
+    for k in ("encoders.m0.net.1.weight", "fusion.head.bias"):
+        assert torch.allclose(rec.grads[k], want[k] / 2, atol=1e-6), k
+    # hbar = global sum / global count (here equal to this rank's mean)
+    assert torch.allclose(tr.method.P, owm_update(torch.eye(hbar.numel()), hbar, 0.1), atol=1e-6)
+
+
+def test_state_roundtrip_gives_the_same_next_step():
+    """Model, optimizer and method state after 1 step (the first-step rule: P = I, one step
+    taken) and after 3 steps, loaded into a fresh trainer: the next step is identical."""
+    for k in (1, 3):
+        a = _trainer(schedule="alternate")
+        batches = _batches(a, 3)
+        for i in range(k):
+            a.method.training_step(batches[i % 3])
+        b = _trainer(schedule="alternate")
+        b.model.load_state_dict(a.model.state_dict())
+        b.optimizer.load_state_dict(copy.deepcopy(a.optimizer.state_dict()))  # (it shares tensors)
+        b.method.load_state_dict(copy.deepcopy(a.method.state_dict()))
+        assert b.method._t == k and b.method._steps == k
+        nxt = batches[k % 3]
+        a.method.training_step(nxt)
+        b.method.training_step(nxt)
+        for (n, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+            assert torch.equal(pa, pb), (k, n)
+        assert torch.equal(a.method.P, b.method.P)
 
 
 def test_predict_entropy_fusion_and_state_roundtrip():
@@ -255,7 +420,7 @@ def test_options_validated():
     from mmbalance.methods import create_method
 
     for bad in ({"update_order": "later"}, {"schedule": "random"}, {"fusion": "max"}, {"fusion": "fixed"},
-                {"alpha": 0.0}):
+                {"alpha": 0.0}, {"project_first_step": "maybe"}, {"normalize_P": 3}, {"alpha_schedule": "cosine"}):
         with pytest.raises(ConfigError):
             create_method("mla", **bad)
     with pytest.raises(ConfigError):

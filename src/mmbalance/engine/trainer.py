@@ -128,6 +128,31 @@ class Trainer:
             return dataset
         return torch.utils.data.Subset(dataset, list(range(self.rank, len(dataset), self.world_size)))
 
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """A fresh optimizer of the run's kind (``optim.*``) over ``params`` (auxiliary models)."""
+        return build_optimizer(params, self.cfg.optim)
+
+    def average_gradients(self, params) -> None:
+        """Average ``.grad`` of ``params`` over processes (what :meth:`backward` does for the model)."""
+        dist_utils.average_gradients(params)
+
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm statistics) to every rank (what :meth:`optimizer_step` does)."""
+        dist_utils.broadcast_buffers(module)
+
+    def drop_last_for(self, n: int) -> bool:
+        """The training loader's ``drop_last`` for ``n`` samples: when asked, or when this process's
+        trailing batch would hold one sample (BatchNorm cannot train on one)."""
+        per_rank = n // self.world_size if self.world_size > 1 else n
+        return bool(self.cfg.train.drop_last) or per_rank % max(self.cfg.train.batch_size // self.world_size, 1) == 1
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        """A checkpoint file (e.g. another run's ``best.pt``), loaded safely (``weights_only``), on
+        the CPU; one-line errors when it is missing or damaged."""
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(path, "cpu", required=("model",))
+
     def batches(self, dataset: Dataset, *, train: bool = False, batch_size: int | None = None,
                 shuffle: bool = False, seed: int | None = None, drop_last: bool = False,
                 desc: str | None = None):
@@ -302,8 +327,7 @@ class Trainer:
             self.method.on_epoch_start(epoch)
             dataset = self.method.train_dataset(epoch, self.data.train)
             # a trailing batch of one sample breaks BatchNorm in training mode: drop it
-            per_rank = len(dataset) // self.world_size if self.world_size > 1 else len(dataset)
-            drop_last = tc.drop_last or per_rank % (tc.batch_size // self.world_size) == 1
+            drop_last = self.drop_last_for(len(dataset))
             loader = self.loader(dataset, shuffle=True, batch_size=tc.batch_size,
                                  seed=epoch_seed(tc.seed, epoch), drop_last=drop_last, shard=True)
             self.model.train()

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import Tensor
 
+from ..utils import to_device
 from ..models.model import ABSENT_POLICIES, MultimodalModel
 from ..registry import ConfigError
 from .shapley import shapley_numerators, subset_members
@@ -124,8 +125,6 @@ def modality_contributions(model: MultimodalModel, loader: Iterable[Mapping[str,
         return_index: also return the batches' ``index`` entries (N,), i.e. the dataset positions.
         numerators: return ``M! * phi`` as int64 (exact; sum it over processes, divide by M!).
     """
-    from ..engine.trainer import to_device
-
     if device is None:
         device = next(model.parameters()).device
     ctx = autocast or contextlib.nullcontext

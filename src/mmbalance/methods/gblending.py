@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from ..data.base import labels_of, stratified_split
-from ..engine import distributed as dist_utils
 from ..models import Fusion, MultimodalModel
 from ..registry import ConfigError
 from . import register_method
+from ..utils import epoch_seed, to_device
 from .base import Method, ModelSpec, build_standard_model
 
 FUSED = "fused"
@@ -87,19 +87,6 @@ class BlendingHeads(Fusion):
     def forward(self, features):
         z, _ = self.inner(features)
         return z, {m: self.heads[m](features[m]) for m in self.modalities}
-
-
-def drop_trailing_single(n: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> bool:
-    """``drop_last`` for a training loader over ``n`` samples with global batch ``batch_size``
-    split over ``world_size`` processes: True when asked, or when the trailing per-process batch
-    would hold one sample (BatchNorm cannot train on it) — the engine's rule for its own loader
-    (each process gets ``n // world_size`` samples of the sharded shuffle).
-
-    >>> drop_trailing_single(49, 16), drop_trailing_single(48, 16), drop_trailing_single(34, 16, 2)
-    (True, False, True)
-    """
-    per_rank = n // world_size
-    return bool(drop_last) or per_rank % max(batch_size // world_size, 1) == 1
 
 
 @register_method("gblending", summary="G-Blending: losses of unimodal + fused outputs blended by held-out OGR weights",
@@ -237,9 +224,8 @@ class GBlending(Method):
     @torch.no_grad()
     def _mean_loss(self, model, dataset: Dataset, k: str) -> float:
         """Mean CE of output k over ``dataset`` in eval mode, sharded over the processes."""
-        from ..engine.trainer import to_device
-
         tr = self.trainer
+        was = model.training
         model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=tr.device)
         for batch in tr.loader(tr.shard(dataset)):
@@ -248,18 +234,16 @@ class GBlending(Method):
                 loss = self._output_loss(model, batch, k, reduction="sum")
             total[0] += loss.double()
             total[1] += len(batch["label"])
+        model.train(was)
         total = tr.all_reduce_sum(total)
         return float(total[0] / total[1].clamp(min=1))
 
     def _train_copy(self, model, opt, fit_set: Dataset, k: str) -> None:
         """``estimate_epochs`` epochs of CE(z_k) on ``fit_set``, as the engine trains: global
         batches sharded over the processes, gradients averaged, buffers broadcast."""
-        from ..engine.seed import epoch_seed
-        from ..engine.trainer import to_device
-
         tr = self.trainer
         tc, clip = tr.cfg.train, tr.cfg.optim.grad_clip
-        drop_last = drop_trailing_single(len(fit_set), tc.batch_size, tr.world_size, tc.drop_last)
+        drop_last = tr.drop_last_for(len(fit_set))
         for e in range(self.estimate_epochs):
             model.train()
             loader = tr.loader(fit_set, shuffle=True, batch_size=tc.batch_size,
@@ -271,17 +255,15 @@ class GBlending(Method):
                 tr.check_finite(loss)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                dist_utils.average_gradients(model.parameters())
+                tr.average_gradients(model.parameters())
                 if clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 opt.step()
-                dist_utils.broadcast_buffers(model)
+                tr.broadcast_buffers(model)
 
     def estimate_weights(self) -> dict[str, float]:
         """Train one copy per output on T, measure losses on T and V, return normalised weights.
         The main model is not changed (copies only) and keeps its train/eval mode."""
-        from ..engine.optim import build_optimizer
-
         tr = self.trainer
         was_training = self.model.training
         base = tr.data.train_eval if tr.data.train_eval is not None else tr.data.train
@@ -291,7 +273,7 @@ class GBlending(Method):
         curves = {name: [] for name in ("t0", "t1", "v0", "v1")}
         for k in self.outputs:
             model = copy.deepcopy(self.model)
-            opt = build_optimizer(model.parameters(), tr.cfg.optim)
+            opt = tr.make_optimizer(model.parameters())
             if self.mode == "online":
                 opt.load_state_dict(tr.optimizer.state_dict())
             curves["t0"].append(self._mean_loss(model, eval_t, k))

@@ -1,9 +1,9 @@
 """MIE — modal-aware interactive enhancement (Jiang, Chi, Yang, arXiv 2407.04587).
 
-Per-modality networks (encoder + 3-layer head), trained one modality at a time in *stages*.
-Each step is a sharpness-aware (SAM) step on the current modality's parameters whose head
-weight gradients are damped along the dominant input directions of the previously trained
-modality (``grad_W <- grad_W T``). The pure math lives in small functions below
+Per-modality networks (encoder + 3-layer head), trained one modality at a time (in turn on
+every batch by default, or in stages). Each step is a sharpness-aware (SAM) step on that
+modality's parameters whose head weight gradients are damped along the dominant input
+directions of the previously trained modality (``grad_W <- grad_W T``). The pure math lives in small functions below
 (:func:`sam_perturbation`, :func:`batch_mean_outer`, :func:`flat_gm_matrix`,
 :func:`modify_weight_gradient`, :func:`select_gm_layers`, :func:`average_fusion`,
 :func:`entropy_weights`, :func:`entropy_fusion`, :func:`stage_of_epoch`); :class:`MIE` wires
@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..models import MultimodalModel, Output
 from ..models.fusions import Fusion
 from ..registry import ConfigError
-from .mla import mla_fuse, mla_fusion_weights
+from .mla import eval_mode, mla_fuse, mla_fusion_weights, present_rows, unimodal_forward_mode
 from . import register_method
 from .base import Method, ModelSpec
 
@@ -31,6 +31,7 @@ log = logging.getLogger("mmbalance")
 
 FUSION_RULES = ("average", "entropy")
 VARIANTS = ("paper", "official")
+SCHEDULES = ("batch", "epochs", "steps")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -258,7 +259,9 @@ def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) ->
 
 
 # ---------------------------------------------------------------------------------------- method
-@register_method("mie", summary="MIE: per-modality networks trained in stages with SAM and SVD gradient modification")
+@register_method("mie", summary="MIE: per-modality networks trained in turn with SAM and SVD gradient modification",
+                 paper='Jiang et al., "Multimodal Classification via Modal-Aware Interactive Enhancement"',
+                 venue="arXiv", year=2024, category="optimisation")
 class MIE(Method):
     """Modal-aware interactive enhancement (MIE, paper Algorithm 1).
 
@@ -266,8 +269,9 @@ class MIE(Method):
     head = FC(d,256) -> ReLU -> FC(256,64) -> FC(64,C) (Sec. 4.2.3). ``--fusion`` is not used
     (only the default ``concat`` or ``late`` are accepted); the test-time rule is ``fusion``.
 
-    Training, in *stages*: stage s trains modality ``j = modalities[s % M]`` only (CE on its own
-    logits; the other networks get no gradient and no optimizer update). Per step:
+    Training: the modalities are trained one at a time (Algorithm 1: modalities j = 1..M in
+    turn, each for an inner loop of mini-batches; CE on j's own logits, the other networks get
+    no gradient and no optimizer update). One *step* of modality j:
 
     1. **SAM** (Sec. 3.2, Eq. 3-4; Foret et al.) on theta_j = encoder_j + head_j:
        g = grad L(theta_j); eps = rho g / ||g||_2 (one global norm over theta_j); theta_j += eps;
@@ -276,27 +280,39 @@ class MIE(Method):
        from a saved copy (never by subtracting eps).
     2. **Gradient modification** (Eq. 8): for each modified Linear layer of modality j,
        grad_W <- grad_W T^(k) with T^(k) of the layer at the same depth and with the same weight
-       shape of the previously trained modality k (stage s-1); biases are not modified.
-       T^(k) = I until k has finished a stage (also for layers without a same-shape partner).
+       shape of the previously trained modality k; biases are not modified. T^(k) = I until k's
+       T has been built (also for layers without a same-shape partner).
     3. The optimizer step (the engine's optimizer, clipping included).
 
-    After modality j's stage, for each modified layer: Ybar = sum_t zbar_t zbar_t^T over the
-    training set (``train_eval``, deterministic) in batches of ``cov_batch_size``, eval mode,
-    no grad, zbar_t = batch-mean layer input over the batch's samples where m is present
-    (Eq. 5; all-reduced); SVD Ybar = U Lambda V^T;
-    Sigma = exp(-tau (Lambda - lambda_min) / (lambda_max - lambda_min)); T^(j) = V Sigma V^T
-    (Eq. 6-7); eigenvalues in [exp(-tau), 1]; equal singular values give T = I.
+    L is the mean over the samples of the *global* batch where j is present (sum of the local
+    present rows times world size over the all-reduced count, as the engine averages gradients
+    over ranks); a rank without such a sample runs a zero-weight placeholder so every rank
+    makes the same collective calls, and when no rank has one the step is skipped on all ranks.
 
-    Schedule — how epochs map onto stages: by default (``stage_epochs=1``) every epoch is one
-    stage and the modalities alternate epoch by epoch, so with E epochs each of M modalities is
-    trained for about E/M epochs (40 epochs, 2 modalities: 20 epochs each) and T is rebuilt once
-    per epoch (one extra forward pass over the training set). ``stage_epochs=[a, b, ...]`` gives
-    the public code's multi-epoch stages (cycled; e.g. ``[25, 50]``). ``inner_steps=n`` instead
-    makes a stage n mini-batches (n = 1: per-iteration alternation as MLA; stages run across
-    epoch boundaries); every stage ends with a covariance pass, so small n multiplies the cost.
-    Per-epoch stages are the default because they keep the paper's "T after each modality's
-    inner loop" at the public code's cost (one pass per stage) while giving every modality an
-    equal share of a short schedule; a warning is logged when a modality gets no stage at all.
+    T^(k) (Eq. 5-7), for each modified layer of k: Ybar = sum_t zbar_t zbar_t^T over the
+    training set (``train_eval``, deterministic) in batches of ``cov_batch_size``, eval mode,
+    no grad, zbar_t = batch-mean layer input over the batch's samples where k is present; under
+    several processes each rank takes every world-th batch (``trainer.shard`` over the batches)
+    and the sums are all-reduced, so Ybar is the single-process one. SVD Ybar = U Lambda V^T;
+    Sigma = exp(-tau (Lambda - lambda_min I) / (lambda_max - lambda_min)); T^(k) = V Sigma V^T;
+    eigenvalues in [exp(-tau), 1]; equal singular values give T = I. T is built lazily, when
+    the next modality's training starts, so no pass is spent after the last one.
+
+    Schedule (``schedule``):
+
+    * ``batch`` (default): every batch trains each modality in turn (an inner loop of one
+      mini-batch per modality, all on the same batch), so E epochs train every network for E
+      epochs on the engine's learning-rate schedule, as joint training trains every encoder.
+      Modality j uses T of the modality before it in the cycle (for two: each the other's).
+      T is rebuilt for every modality at the start of each epoch after the first (one
+      inference pass per epoch), not after every inner loop: the cost of a pass per batch
+      would be prohibitive, and Ybar sums over the whole training set anyway.
+    * ``epochs``: stages of whole epochs, ``stage_epochs`` per stage (int, or a list cycled; the
+      public code's CREMA-D stages are ``[25, 50]``); stage s trains ``modalities[s % M]`` and
+      uses T of stage s-1's modality, built when stage s starts. With E epochs each of M
+      modalities trains about E/M epochs: raise ``train.epochs`` accordingly.
+    * ``steps``: stages of ``inner_steps`` mini-batches (running across epoch boundaries); every
+      stage ends with a covariance pass, so small ``inner_steps`` multiplies the cost.
 
     Inference (``fusion``): ``average`` — the mean of the modalities' probabilities, returned as
     its log (same argmax; the fused loss is the mixture's NLL); ``entropy`` — MLA's per-sample
@@ -313,41 +329,53 @@ class MIE(Method):
         gm_scope: ``"head"`` (default, paper: the three head Linear layers) or a fraction in
             (0, 1] of the deepest parameters (Table 4), encoder Linear layers included; a conv
             layer inside the fraction is a ConfigError (Linear layers only).
-        stage_epochs: epochs per stage, int or list (cycled). Default 1.
-        inner_steps: mini-batches per stage; replaces ``stage_epochs`` when set (then
-            ``stage_epochs`` must stay 1 or null). Default None.
+        schedule: ``batch`` (default: each modality in turn on every batch), ``epochs`` or ``steps``
+            (stages; see Schedule above).
+        stage_epochs: epochs per stage for ``schedule=epochs``, int or list (cycled). Default 1.
+        inner_steps: mini-batches per stage for ``schedule=steps`` (required there). Default None.
+        reset_optimizer: clear the optimizer state (momentum, Adam moments and step) of the
+            modality whose stage starts, as the public code re-creates its optimizer at every
+            stage (``train_CREMA.py``). Default False: each modality has its own network, so the
+            other modalities' stages leave its parameters and loss untouched and its momentum
+            is still that of its own trajectory; a reset only adds a cold start per stage. Only
+            with ``schedule`` ``epochs`` or ``steps`` (with ``batch`` it would reset every step).
+            The learning-rate schedule stays the engine's (the public code also restarts
+            StepLR(40) per stage).
         fusion: ``average`` (default, code) or ``entropy``.
         variant: ``paper`` (default) or ``official``: the public code's mixup on the current
             modality's input (lambda ~ Beta(mixup_alpha, mixup_alpha), random partner in the
             batch) and clean-label term, L = (1 - clean_weight) * [lambda CE(o, y) + (1 - lambda)
             CE(o, y_perm)] + clean_weight * CE(o, y), o = head_j(encoder_j(x_mix)); both SAM
-            passes use the same mixup draw. The public code's other departures (per-tensor SAM
-            norm, no weight restore, stage restarts from a test-selected checkpoint) are bugs
-            and are not reproduced.
+            passes use the same mixup draw (under several processes each rank mixes within its
+            own rows). The public code's other departures (per-tensor SAM norm, no weight
+            restore, stage restarts from a test-selected checkpoint) are bugs and are not
+            reproduced.
         mixup_alpha: Beta parameter of the official mixup. Default 1.0.
         clean_weight: weight of the clean-label term in the official variant. Default 0.3.
 
-    Diagnostics (per epoch): ``stage`` (stage index), ``trained/<m>`` (fraction of the epoch's
-    steps that trained m), ``loss/<m>``, ``sam_grad_norm/<m>`` (||g||), ``sam_eps/<m>`` (||eps||
-    = rho), ``sam_eps_real/<m>`` (norm of the perturbation actually realised in the weights),
-    ``sam_loss_rise/<m>`` (L(theta + eps) - L(theta)), ``gm_ratio/<m>`` (||grad_W T|| / ||grad_W||
-    over the modified weights), and after each stage ``sv_min/<m>/<layer>``,
-    ``sv_max/<m>/<layer>`` (range of Lambda; Ybar is a sum of rank-one terms, so lambda_min is
-    ~0 whenever the layer is wider than the number of covariance batches) and
-    ``sv_top_share/<m>`` (lambda_max / sum(Lambda), mean over layers: near 1 means T damps
-    essentially one direction).
+    Diagnostics (per epoch): ``stage`` (stage index; stage schedules), ``trained/<m>`` (fraction
+    of the epoch's steps that trained m), ``loss/<m>``, ``sam_grad_norm/<m>`` (||g||),
+    ``sam_eps/<m>`` (||eps|| = rho), ``sam_eps_real/<m>`` (norm of the perturbation actually
+    realised in the weights), ``sam_loss_rise/<m>`` (L(theta + eps) - L(theta) on this rank's
+    present samples), ``gm_ratio/<m>`` (||grad_W T|| / ||grad_W|| over the modified weights),
+    and when T is built ``sv_min/<m>/<layer>``, ``sv_max/<m>/<layer>`` (range of Lambda; Ybar is
+    a sum of rank-one terms, so lambda_min is ~0 whenever the layer is wider than the number of
+    covariance batches) and ``sv_top_share/<m>`` (lambda_max / sum(Lambda), mean over layers:
+    near 1 means T damps essentially one direction).
 
-    Cost: per step, one network (the current modality) forward + backward, twice with SAM; one
-    covariance pass over the training set and small SVDs per stage.
+    Cost: per step of a modality, its network forward + backward, twice with SAM (with
+    ``batch``, each encoder once per batch as in joint training); one covariance pass over the
+    training set and small SVDs per epoch (``batch``) or per stage.
     """
 
     def __init__(self, sam: bool = True, rho: float = 1e-10, gm: bool = True, tau: float = 0.4,
-                 cov_batch_size: int = 12, gm_scope: str | float = "head",
-                 stage_epochs: int | list[int] | None = 1, inner_steps: int | None = None,
+                 cov_batch_size: int = 12, gm_scope: Literal["head"] | float = "head",
+                 schedule: Literal["batch", "epochs", "steps"] = "batch",
+                 stage_epochs: int | list[int] = 1, inner_steps: int | None = None, reset_optimizer: bool = False,
                  fusion: str = "average", variant: str = "paper", mixup_alpha: float = 1.0,
                  clean_weight: float = 0.3):
         super().__init__()
-        for key, val in (("sam", sam), ("gm", gm)):
+        for key, val in (("sam", sam), ("gm", gm), ("reset_optimizer", reset_optimizer)):
             if not isinstance(val, bool):
                 raise ConfigError(f"mie option {key} takes true/false, got {val!r}")
         if not isinstance(rho, (int, float)) or isinstance(rho, bool) or rho < 0:
@@ -359,19 +387,22 @@ class MIE(Method):
         if gm_scope != "head" and not (isinstance(gm_scope, (int, float)) and not isinstance(gm_scope, bool)
                                         and 0 < gm_scope <= 1):
             raise ConfigError(f"mie option gm_scope must be 'head' or a fraction in (0, 1], got {gm_scope!r}")
-        if stage_epochs is not None:
-            lst = stage_epochs if isinstance(stage_epochs, (list, tuple)) else [stage_epochs]
-            if not lst or not all(_is_pos_int(s) for s in lst):
-                raise ConfigError(f"mie option stage_epochs must be an integer >= 1 or a list of them, "
-                                  f"got {stage_epochs!r}")
-        if inner_steps is not None:
-            if not _is_pos_int(inner_steps):
-                raise ConfigError(f"mie option inner_steps must be an integer >= 1, got {inner_steps!r}")
-            if stage_epochs not in (None, 1):
-                raise ConfigError("mie: set either inner_steps (mini-batches per stage) or stage_epochs "
-                                  "(epochs per stage), not both")
-        elif stage_epochs is None:
-            raise ConfigError("mie: one of stage_epochs or inner_steps must be set")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"mie option schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        lst = stage_epochs if isinstance(stage_epochs, (list, tuple)) else [stage_epochs]
+        if not lst or not all(_is_pos_int(s) for s in lst):
+            raise ConfigError(f"mie option stage_epochs must be an integer >= 1 or a list of them, got {stage_epochs!r}")
+        if stage_epochs != 1 and schedule != "epochs":
+            raise ConfigError(f"mie: stage_epochs applies to schedule=epochs (got schedule={schedule}); "
+                              "add --method.schedule epochs")
+        if inner_steps is not None and not _is_pos_int(inner_steps):
+            raise ConfigError(f"mie option inner_steps must be an integer >= 1, got {inner_steps!r}")
+        if (inner_steps is None) != (schedule != "steps"):
+            raise ConfigError("mie: inner_steps (mini-batches per stage) goes with schedule=steps, and "
+                              "schedule=steps needs inner_steps")
+        if reset_optimizer and schedule == "batch":
+            raise ConfigError("mie: reset_optimizer needs stages (schedule epochs or steps); with schedule=batch "
+                              "it would reset the optimizer at every step")
         if fusion not in FUSION_RULES:
             raise ConfigError(f"mie option fusion must be one of {', '.join(FUSION_RULES)}, got {fusion!r}")
         if variant not in VARIANTS:
@@ -386,16 +417,20 @@ class MIE(Method):
         self.tau = float(tau)
         self.cov_batch_size = int(cov_batch_size)
         self.gm_scope = gm_scope if gm_scope == "head" else float(gm_scope)
+        self.schedule = schedule
         self.stage_epochs = list(stage_epochs) if isinstance(stage_epochs, tuple) else stage_epochs
         self.inner_steps = inner_steps
+        self.reset_optimizer = reset_optimizer
         self.fusion = fusion
         self.variant = variant
         self.mixup_alpha = float(mixup_alpha)
         self.clean_weight = float(clean_weight)
-        # stage state (resume): T per modality (list aligned with its GM layers), stage counters
+        # state (resume): T per modality (list aligned with its GM layers), stage counters, and
+        # (schedule=steps) the modality whose stage ended and whose T is still to be built
         self._T: dict[str, list[Tensor] | None] = {}
         self._stage = 0
         self._steps_in_stage = 0
+        self._pending: str | None = None
 
     # -- construction ----------------------------------------------------------------------
     def build_model(self, spec: ModelSpec) -> MultimodalModel:
@@ -423,8 +458,10 @@ class MIE(Method):
         self._check_schedule()
 
     def _check_schedule(self) -> None:
+        if self.schedule == "batch":
+            return
         M, E = len(self._mods), self.trainer.cfg.train.epochs
-        if self.inner_steps is not None:
+        if self.schedule == "steps":
             n_batches = math.ceil(len(self.trainer.data.train) / self.trainer.cfg.train.batch_size)
             stages = math.ceil(E * n_batches / self.inner_steps)
         else:
@@ -436,144 +473,192 @@ class MIE(Method):
 
     # -- schedule --------------------------------------------------------------------------
     def current_modality(self) -> str:
+        """The modality of the current stage (stage schedules; with ``batch`` the first one)."""
         return self._mods[self._stage % len(self._mods)]
 
-    def previous_modality(self) -> str | None:
+    def scheduled_modalities(self) -> list[str]:
+        """The modalities the next training step trains, in order."""
+        return list(self._mods) if self.schedule == "batch" else [self.current_modality()]
+
+    def previous_modality(self, m: str | None = None) -> str | None:
+        """The modality trained before ``m``: with ``batch`` the one before it in the cycle, with
+        stages the previous stage's (None in the first stage)."""
+        if self.schedule == "batch":
+            m = m if m is not None else self._mods[0]
+            return self._mods[(self._mods.index(m) - 1) % len(self._mods)]
         return self._mods[(self._stage - 1) % len(self._mods)] if self._stage > 0 else None
 
     def on_epoch_start(self, epoch: int) -> None:
-        if self.inner_steps is None:
+        if self.schedule == "batch":
+            if epoch > 0 and self.gm:  # T of every modality from its network after the previous epoch
+                self.build_T(self._mods)
+        elif self.schedule == "epochs":
             self._stage = stage_of_epoch(epoch, self.stage_epochs)
+            if epoch > 0 and self._stage != stage_of_epoch(epoch - 1, self.stage_epochs):
+                self.start_stage(self._mods[(self._stage - 1) % len(self._mods)])
 
-    def on_epoch_end(self, epoch: int) -> None:
-        if self.inner_steps is None and stage_of_epoch(epoch + 1, self.stage_epochs) != self._stage:
-            self.end_stage(self.current_modality())
+    def start_stage(self, finished: str) -> None:
+        """A stage begins: build T of the modality whose stage just ended; optionally clear the
+        optimizer state of the modality whose stage begins."""
+        if self.gm:
+            self.build_T([finished])
+        if self.reset_optimizer:
+            opt = self.trainer.optimizer
+            for p in self._params[self.current_modality()]:
+                opt.state.pop(p, None)
 
-    def end_stage(self, m: str) -> None:
-        """Build T^(m) from modality m's layer inputs over the training set (paper Eq. 5-7)."""
-        ybars = self.layer_input_statistics(m)
-        ts, shares = [], []
-        for (label, _), ybar in zip(self._layers[m], ybars):
-            t, s = flat_gm_matrix(ybar, self.tau)
-            ts.append(t.float())
-            self.log(f"sv_min/{m}/{label}", float(s.min()))
-            self.log(f"sv_max/{m}/{label}", float(s.max()))
-            if float(s.sum()) > 0:
-                shares.append(float(s.max() / s.sum()))
-        if shares:  # Ybar sums rank-one terms, so lambda_min is ~0 and max/min says nothing
-            self.log(f"sv_top_share/{m}", sum(shares) / len(shares))
-        self._T[m] = ts
+    def build_T(self, mods: Sequence[str]) -> None:
+        """T^(m) = V Sigma V^T from modality m's layer inputs over the training set (Eq. 5-7)."""
+        for m, ybars in zip(mods, self.layer_input_statistics(mods)):
+            ts, shares = [], []
+            for (label, _), ybar in zip(self._layers[m], ybars):
+                t, s = flat_gm_matrix(ybar, self.tau)
+                ts.append(t.float())
+                self.log(f"sv_min/{m}/{label}", float(s.min()))
+                self.log(f"sv_max/{m}/{label}", float(s.max()))
+                if float(s.sum()) > 0:
+                    shares.append(float(s.max() / s.sum()))
+            if shares:  # Ybar sums rank-one terms, so lambda_min is ~0 and max/min says nothing
+                self.log(f"sv_top_share/{m}", sum(shares) / len(shares))
+            self._T[m] = ts
+
+    def covariance_dataset(self):
+        """This rank's share of the training set for the covariance pass: whole ``cov_batch_size``
+        batches, every world-th one (``trainer.shard`` over the batch indices), so the batches
+        and their means are exactly those of one process."""
+        data, bs = self.trainer.data.train_eval, self.cov_batch_size
+        if self.trainer.world_size == 1:
+            return data
+        n = len(data)
+        mine = self.trainer.shard(range(math.ceil(n / bs)))
+        idx = [i for k in range(len(mine)) for i in range(mine[k] * bs, min((mine[k] + 1) * bs, n))]
+        return torch.utils.data.Subset(data, idx)
 
     @torch.no_grad()
-    def layer_input_statistics(self, m: str) -> list[Tensor]:
-        """Ybar = sum_t zbar_t zbar_t^T per modified layer of modality m (deterministic train
-        data, ``cov_batch_size``, eval mode, no grad, fp32, all-reduced)."""
-        trainer, model = self.trainer, self.model
-        layers = self._layers[m]
-        acc = [torch.zeros(mod.in_features, mod.in_features, dtype=torch.float64, device=trainer.device)
-               for _, mod in layers]
-        current: dict[str, Tensor] = {}
+    def layer_input_statistics(self, mods: Sequence[str]) -> list[list[Tensor]]:
+        """Per modality in ``mods``, Ybar = sum_t zbar_t zbar_t^T per modified layer, in one pass
+        (deterministic train data, ``cov_batch_size``, eval mode, no grad, float64, all-reduced).
+        Every module is back in its own mode after, and eval mode leaves BatchNorm buffers alone."""
+        from ..utils import to_device
 
-        def make_hook(i):
+        trainer, model = self.trainer, self.model
+        acc = {m: [torch.zeros(mod.in_features, mod.in_features, dtype=torch.float64, device=trainer.device)
+                   for _, mod in self._layers[m]] for m in mods}
+        present: dict[str, Tensor] = {}
+
+        def make_hook(m, i):
             def hook(_mod, inputs):
-                acc[i] += batch_mean_outer(inputs[0], self.cov_batch_size, current["present"])
+                acc[m][i] += batch_mean_outer(inputs[0], self.cov_batch_size, present[m])
             return hook
 
         # In eval mode every sample is computed independently, so the forward runs on loader
         # batches of a multiple of cov_batch_size (fewer, larger batches: same numbers, less
         # loader overhead) and the hooks split them into cov_batch_size chunks.
-        big = self.cov_batch_size * max(1, self.trainer.cfg.train.eval_batch_size // self.cov_batch_size)
-        handles = [mod.register_forward_pre_hook(make_hook(i)) for i, (_, mod) in enumerate(layers)]
-        was_training = model.training
-        model.eval()
+        big = self.cov_batch_size * max(1, trainer.cfg.train.eval_batch_size // self.cov_batch_size)
+        handles = [mod.register_forward_pre_hook(make_hook(m, i))
+                   for m in mods for i, (_, mod) in enumerate(self._layers[m])]
         try:
-            from ..engine.trainer import to_device
-
-            loader = trainer.loader(trainer.data.train_eval, batch_size=big)
-            for batch in trainer.progress(loader, desc=f"mie covariance ({m})"):
-                batch = to_device(batch, trainer.device)
-                current["present"] = batch["present"][m]
-                model.fusion.heads[m](model.encode(m, batch["inputs"][m]))
+            with eval_mode([model]):
+                loader = trainer.loader(self.covariance_dataset(), batch_size=big)
+                for batch in trainer.progress(loader, desc=f"mie covariance ({', '.join(mods)})"):
+                    batch = to_device(batch, trainer.device)
+                    for m in mods:
+                        present[m] = batch["present"][m]
+                        model.fusion.heads[m](model.encode(m, batch["inputs"][m]))
         finally:
             for h in handles:
                 h.remove()
-            model.train(was_training)
-        return [trainer.all_reduce_sum(a) for a in acc]
+        return [[trainer.all_reduce_sum(a) for a in acc[m]] for m in mods]
 
     # -- training --------------------------------------------------------------------------
-    def _loss(self, m: str, x: Tensor, y: Tensor, mix: tuple[float, Tensor] | None) -> Tensor:
+    def _loss_sum(self, m: str, x: Tensor, y: Tensor, mix: tuple[float, Tensor] | None) -> Tensor:
+        """Sum over the rows of modality m's loss (CE; the official variant's mixup loss)."""
         with self.trainer.autocast():
             if mix is not None:
                 lam, perm = mix
                 x = lam * x + (1.0 - lam) * x[perm]
-            logits = self.model.fusion.heads[m](self.model.encode(m, x))
+            logits = self.model.fusion.heads[m](self.model.encode(m, x)).float()
         if mix is None:
-            return self.ce(logits, y)
+            return F.cross_entropy(logits, y, reduction="sum")
         lam, perm = mix
-        l_mix = lam * self.ce(logits, y) + (1.0 - lam) * self.ce(logits, y[perm])
-        return (1.0 - self.clean_weight) * l_mix + self.clean_weight * self.ce(logits, y)
+        l_mix = lam * F.cross_entropy(logits, y, reduction="sum") + (1.0 - lam) * F.cross_entropy(
+            logits, y[perm], reduction="sum")
+        return (1.0 - self.clean_weight) * l_mix + self.clean_weight * F.cross_entropy(logits, y, reduction="sum")
 
     def training_step(self, batch):
-        m = self.current_modality()
-        stats: dict[str, float] = {}
+        if self._pending is not None:  # schedule=steps: the previous stage ended at the last step
+            finished, self._pending = self._pending, None
+            self.start_stage(finished)
+        mods = self.scheduled_modalities()
         for other in self._mods:
-            self.log(f"trained/{other}", 1.0 if other == m else 0.0)
-        self.log("stage", self._stage)
-        x, y, present = batch["inputs"][m], batch["label"], batch["present"][m]
-        if not bool(present.all()):
-            x, y = x[present], y[present]
-        if x.shape[0] > 0:
-            stats["loss"] = self.sam_gm_step(m, x, y)
-        if self.inner_steps is not None:
+            self.log(f"trained/{other}", 1.0 if other in mods else 0.0)
+        if self.schedule != "batch":
+            self.log("stage", self._stage)
+        losses = [v for v in (self.sam_gm_step(m, batch) for m in mods) if v is not None]
+        if self.schedule == "steps":
             self._steps_in_stage += 1
             if self._steps_in_stage >= self.inner_steps:
-                self.end_stage(m)
+                self._pending = self.current_modality()
                 self._stage += 1
                 self._steps_in_stage = 0
-        return stats
+        return {"loss": sum(losses) / len(losses)} if losses else {}
 
-    def sam_gm_step(self, m: str, x: Tensor, y: Tensor) -> float:
-        """One step of modality m: SAM gradient (restore theta exactly), GM, optimizer step."""
+    def sam_gm_step(self, m: str, batch) -> float | None:
+        """One step of modality m on ``batch``: SAM gradient (restore theta exactly), GM, optimizer
+        step. Returns the global-batch loss, or None (nothing changes) when no sample has m."""
         trainer = self.trainer
+        x, y, n_local, placeholder = present_rows(batch["inputs"][m], batch["label"], batch["present"][m])
+        modules = [self.model.encoders[m], self.model.fusion.heads[m]]
+        mode = lambda: unimodal_forward_mode(modules, n_local, placeholder)  # noqa: E731
         mix = None
         if self.variant == "official":
             lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
             mix = (lam, torch.randperm(x.shape[0], device=x.device))
-        params = self._params[m]
-        trainer.zero_grad()
         rng = _rng_state(trainer.device)
-        loss = self._loss(m, x, y, mix)
-        trainer.backward(loss)
-        self.log(f"loss/{m}", float(loss.detach()))
+        with mode():
+            loss = self._loss_sum(m, x, y, mix)
+        if placeholder:  # weight 0: same graph, nothing learned
+            loss = loss * 0.0
+        s = trainer.all_reduce_sum(torch.stack([loss.detach(), loss.new_tensor(float(n_local))]))
+        n_global = float(s[1])
+        if n_global == 0:  # no rank has m: every rank skips alike
+            return None
+        scale = trainer.world_size / n_global  # gradients are averaged over ranks: global mean
+        value = float(s[0]) / n_global
+        self.log(f"loss/{m}", value)
+        trainer.zero_grad()
+        trainer.backward(loss * scale)
         if self.sam and self.rho > 0:
-            live = [p for p in params if p.grad is not None]
+            live = [p for p in self._params[m] if p.grad is not None]
             eps, gnorm = sam_perturbation([p.grad for p in live], self.rho)
             saved = [p.detach().clone() for p in live]
             with torch.no_grad():
                 for p, e in zip(live, eps):
                     p.add_(e)
-                real = math.sqrt(sum(float((p - s).double().pow(2).sum()) for p, s in zip(live, saved)))
+                real = math.sqrt(sum(float((p - kept).double().pow(2).sum()) for p, kept in zip(live, saved)))
             trainer.zero_grad()
             _set_rng_state(rng, trainer.device)  # same dropout mask at theta + eps
-            modules = list(self.model.encoders[m].modules()) + list(self.model.fusion.heads[m].modules())
-            with _frozen_norm_stats(modules):
-                loss_p = self._loss(m, x, y, mix)
-            trainer.backward(loss_p)
+            with _frozen_norm_stats(list(modules[0].modules()) + list(modules[1].modules())), mode():
+                loss_p = self._loss_sum(m, x, y, mix)
+            if placeholder:
+                loss_p = loss_p * 0.0
+            trainer.backward(loss_p * scale)
             with torch.no_grad():
-                for p, s in zip(live, saved):
-                    p.copy_(s)
+                for p, kept in zip(live, saved):
+                    p.copy_(kept)
             self.log(f"sam_grad_norm/{m}", gnorm)
             self.log(f"sam_eps/{m}", self.rho if gnorm > 0 else 0.0)
             self.log(f"sam_eps_real/{m}", real)
-            self.log(f"sam_loss_rise/{m}", float(loss_p.detach() - loss.detach()))
+            if n_local > 0:
+                self.log(f"sam_loss_rise/{m}", float(loss_p.detach() - loss.detach()) / n_local)
         if self.gm:
             self.modify_gradients(m)
         trainer.optimizer_step()
-        return float(loss.detach())
+        return value
 
     def partner_matrices(self, m: str) -> list[Tensor | None]:
-        """T^(k) per modified layer of m (None = identity), k = the previous stage's modality."""
-        k = self.previous_modality()
+        """T^(k) per modified layer of m (None = identity), k = :meth:`previous_modality`."""
+        k = self.previous_modality(m)
         out: list[Tensor | None] = [None] * len(self._layers[m])
         if k is None or k == m or self._T.get(k) is None:
             return out
@@ -608,7 +693,7 @@ class MIE(Method):
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"T": {m: (None if t is None else [x.detach().cpu().clone() for x in t]) for m, t in self._T.items()},
-                "stage": self._stage, "steps_in_stage": self._steps_in_stage}
+                "stage": self._stage, "steps_in_stage": self._steps_in_stage, "pending": self._pending}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not state:
@@ -617,6 +702,7 @@ class MIE(Method):
         self._T = {m: (None if t is None else [x.to(dev) for x in t]) for m, t in state["T"].items()}
         self._stage = int(state["stage"])
         self._steps_in_stage = int(state["steps_in_stage"])
+        self._pending = state.get("pending")
 
 
 def _is_pos_int(v: Any) -> bool:

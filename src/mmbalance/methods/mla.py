@@ -10,12 +10,14 @@ functions :func:`owm_update`, :func:`project_head_grad`, :func:`mla_alpha` and
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Mapping, Sequence
+from typing import Iterator, Literal, Mapping, Sequence
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ..models import Output
 from ..registry import ConfigError
@@ -105,40 +107,101 @@ def mla_fuse(unimodal_logits: Sequence[Tensor], rule: str = "entropy", fixed_wei
     return (lam.unsqueeze(2) * Z).sum(1), lam
 
 
-@register_method("mla", summary="MLA: alternating unimodal training, shared head with OWM gradient projection, entropy fusion")
+@contextlib.contextmanager
+def eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Every submodule of ``modules`` in eval mode inside the block, each restored to its own mode
+    after (dropout off, BatchNorm uses and keeps its running statistics)."""
+    saved = [(mod, mod.training) for root in modules for mod in root.modules()]
+    for mod, _ in saved:
+        mod.training = False
+    try:
+        yield
+    finally:
+        for mod, flag in saved:
+            mod.training = flag
+
+
+def present_rows(x: Tensor, y: Tensor, present: Tensor) -> tuple[Tensor, Tensor, int, bool]:
+    """This rank's rows of a unimodal step: ``(x, y, n_present, placeholder)``.
+
+    The rows where the modality is present; when there are none, a *placeholder*: the whole
+    local batch with a zero input, to be run in eval mode (:func:`eval_mode`) and weighted 0.
+    The placeholder builds the same graph as a real step, so backward reaches the same
+    parameters and every rank makes the same collective calls (the gradient all-reduce needs
+    the same tensors on every rank) while contributing nothing.
+    """
+    present = present.to(torch.bool)
+    n = int(present.sum())
+    if n == 0:
+        return torch.zeros_like(x), y, 0, True
+    if n < present.numel():
+        return x[present], y[present], n, False
+    return x, y, n, False
+
+
+def unimodal_forward_mode(modules: Sequence[nn.Module], n_present: int, placeholder: bool):
+    """The mode for a unimodal step's forward through ``modules``: eval mode for a placeholder
+    (:func:`present_rows`); BatchNorm layers in eval mode when a single sample is present
+    (batch statistics of one sample are undefined, and BatchNorm1d refuses them); else as is."""
+    if placeholder:
+        return eval_mode(modules)
+    if n_present == 1:
+        return eval_mode([mod for root in modules for mod in root.modules()
+                          if isinstance(mod, nn.modules.batchnorm._BatchNorm)])
+    return contextlib.nullcontext()
+
+
+@register_method("mla", summary="MLA: alternating unimodal training, shared head with OWM gradient projection, entropy fusion",
+                 paper='Zhang et al., "Multimodal Representation Learning by Alternating Unimodal Adaptation"',
+                 venue="CVPR", year=2024, category="optimisation")
 class MLA(Method):
-    """Multimodal Learning with Alternating Unimodal Adaptation (MLA, CVPR 2024;
-    ``specs/methods.md`` "MLA").
+    """Multimodal Learning with Alternating Unimodal Adaptation (MLA, CVPR 2024).
 
     Model: an encoder per modality and one shared linear head g (the ``shared_head`` fusion,
     always built by this method; encoders of unequal width go through the fusion's
     per-modality projection to a common width first, and that projection trains with its
     encoder).
 
-    Training, iteration t (paper Eq. 1-4, Algorithm 1):
+    Training (paper Eq. 1-4, Algorithm 1), one *modality step* at a time:
 
-    1. ``m_t = t mod M`` (``schedule="alternate"``), or every modality in turn on the same batch
-       with one optimizer step each (``schedule="all"``, the public code).
-    2. ``L_t = CE(g(h_{m_t}), y)`` (Eq. 1-2) on the samples where m_t is present (samples with
-       m_t absent are skipped); backward reaches only encoder m_t (+ its projection) and g.
-    3. Head gradient modification (Eq. 3-4) with one matrix P (d x d, initialised to I, shared
-       by all modalities), on the head **weight** only (the bias is never projected):
-       ``hbar`` = all-reduced batch mean of the head input ``u = proj_m(h_m)``;
-       ``k = P hbar``; ``P <- P - k k^T / (alpha + hbar^T k)``; ``grad_W <- grad_W P``.
+    1. Which modality: ``schedule="all"`` (default) steps through every modality in turn on each
+       batch, one optimizer step each (public code, ``main.py`` ``train_epoch`` with
+       ``--gs_flag``), so E epochs train every encoder for E epochs, as joint training does;
+       ``schedule="alternate"`` uses one modality per batch, ``m_t = t mod M`` (Algorithm 1
+       read literally), which gives each encoder 1/M of the updates per epoch.
+    2. ``L = CE(g(h_m), y)`` (Eq. 1-2), the mean over the samples of the *global* batch where m
+       is present (samples with m absent are skipped); backward reaches only encoder m
+       (+ its projection) and g.
+    3. Head gradient modification (Eq. 3-4) with one matrix P (d x d, P_1 = I, shared by all
+       modalities), on the head **weight** only (the bias is never projected):
+       ``hbar`` = batch mean of the head input ``u = proj_m(h_m)`` over the global batch's
+       present samples; ``k = P hbar``; ``P <- P - k k^T / (alpha + hbar^T k)``;
+       ``grad_W <- grad_W P``. The very first modality step is not projected and does not enter
+       P (Eq. 4 starts from P_1 = I; the public code's ``GSPlugin.before_update`` in
+       ``utils/utils.py`` returns while ``exp_count == 0``).
     4. Optimizer step (gradients zeroed with ``set_to_none``, so no other encoder moves).
+
+    Several processes: each rank runs its present rows; ``hbar``, the loss sum and the
+    present count are all-reduced before backward and the loss is scaled to the global mean.
+    A rank without a present sample runs a zero-weight placeholder (:func:`present_rows`), so
+    every rank makes the same collective calls; when no rank has one the step is skipped on
+    all ranks alike (no P update, no optimizer step).
 
     Inference (Eq. 5-7): per-sample entropy ``e_m`` of softmax(g(h_m)); ``lambda = softmax_m(-e)``;
     fused logits ``sum_m lambda_m g(h_m)``. ``predict``'s unimodal logits are g(h_m).
 
     Options:
-        schedule: ``alternate`` (default; one modality per iteration, t mod M) or ``all``.
-        update_order: ``before`` (default, the paper's Algorithm 1 and both public codes: update
-            P with the current batch, then project) or ``after`` (classic OWM: project with the P
-            built from earlier steps, then update P with the current batch — the first step is
-            then unprojected, P = I).
+        schedule: ``all`` (default: every modality in turn on each batch) or ``alternate``
+            (one modality per batch, t mod M).
+        update_order: ``before`` (default, Algorithm 1 and the public code: update P with the
+            current batch, then project) or ``after`` (classic OWM: project with the P built
+            from earlier steps, then update P with the current batch).
+        project_first_step: False (default, paper and public code: the first modality step
+            uses P = I and its features do not enter P) or True (the first step is treated like
+            every other: P is updated with its features and, with ``before``, projects it).
         alpha: OWM regulariser (default 0.1).
         alpha_schedule: ``constant`` (default) or ``official``:
-            ``alpha * 0.1^(batch_idx / batches_per_epoch)``, reset every epoch.
+            ``alpha * 0.1^(batch_idx / batches_per_epoch)``, reset every epoch (public code).
         normalize_P: divide P by its Frobenius norm after each update (public code; default
             False; it shrinks the head gradient ~sqrt(d)x at the first update).
         gradient_modification: True (default) / False (ablation: plain alternating training,
@@ -150,23 +213,23 @@ class MLA(Method):
         fixed_weights: one weight per modality (model order) for ``fusion="fixed"``.
 
     Decisions: the ``official`` alpha schedule generalises to ``alpha * 0.1^(i/n)`` (identical to
-    the code for alpha = 0.1). P is kept in float32 and goes into ``state_dict`` (resume).
-    Modalities absent for a test sample get fusion weight 0 (the others are renormalised).
-    The iteration counter t also goes into ``state_dict``, so a resumed run continues the
-    alternation where it stopped.
+    the code for alpha = 0.1). P is kept in float32 and goes into ``state_dict`` (resume), with
+    the iteration counter t and the number of modality steps taken, so a resumed run continues
+    the alternation and the projection where it stopped. Modalities absent for a test sample
+    get fusion weight 0 (the others are renormalised).
 
     Diagnostics per epoch: ``P_fro`` (||P||_F after the step), ``grad_ratio`` and
-    ``grad_ratio_<m>`` (``||grad_W P|| / ||grad_W||``: near 0 means the head has stopped
-    learning), ``loss_<m>``, ``alpha``.
+    ``grad_ratio_<m>`` (``||grad_W P|| / ||grad_W||`` of projected steps: near 0 means the head
+    has stopped learning), ``loss_<m>``, ``alpha``.
     Cost: each encoder one forward/backward per batch (``all``) or per M batches
     (``alternate``); one optimizer step per modality step; an O(d^2) P update.
     """
 
     required_fusion = "shared_head"
 
-    def __init__(self, schedule: str = "alternate", update_order: str = "before", alpha: float = 0.1,
-                 alpha_schedule: str = "constant", normalize_P: bool = False, gradient_modification: bool = True,
-                 fusion: str = "entropy", fixed_weights: list[float] | None = None):
+    def __init__(self, schedule: Literal["all", "alternate"] = "all", update_order: str = "before", project_first_step: bool = False,
+                 alpha: float = 0.1, alpha_schedule: str = "constant", normalize_P: bool = False,
+                 gradient_modification: bool = True, fusion: str = "entropy", fixed_weights: list[float] | None = None):
         super().__init__()
         for opt, value, valid in (("schedule", schedule, SCHEDULES), ("update_order", update_order, UPDATE_ORDERS),
                                   ("alpha_schedule", alpha_schedule, ALPHA_SCHEDULES), ("fusion", fusion, FUSION_RULES)):
@@ -178,6 +241,7 @@ class MLA(Method):
             raise ConfigError("mla: fusion 'fixed' needs fixed_weights, e.g. --method.fixed_weights [0.55,0.45]")
         self.schedule = schedule
         self.update_order = update_order
+        self.project_first_step = bool(project_first_step)
         self.alpha = float(alpha)
         self.alpha_schedule = alpha_schedule
         self.normalize_P = bool(normalize_P)
@@ -186,6 +250,7 @@ class MLA(Method):
         self.fixed_weights = None if fixed_weights is None else [float(w) for w in fixed_weights]
         self.P: Tensor | None = None
         self._t = 0
+        self._steps = 0  # modality steps taken (optimizer steps), for the first-step rule
         self._batch_idx = 0
         self._batches_per_epoch = 1
 
@@ -238,26 +303,30 @@ class MLA(Method):
         return {"loss": sum(losses) / len(losses)} if losses else {}
 
     def modality_step(self, batch, m: str, alpha: float) -> float | None:
-        """One unimodal step on modality ``m``: CE through the shared head, projected head-weight
-        gradient, optimizer step. Returns the loss (None if no sample has ``m`` present)."""
+        """One unimodal step on modality ``m``: CE through the shared head (mean over the global
+        batch's present samples), projected head-weight gradient, optimizer step. Returns the
+        loss, or None when no sample of the global batch has ``m`` (then nothing changes)."""
         tr, model = self.trainer, self.model
         fusion = model.fusion
-        x, y, present = batch["inputs"][m], batch["label"], batch["present"][m]
-        if not bool(present.all()):
-            x, y = x[present], y[present]
-        if x.shape[0] == 0:
+        x, y, n_local, placeholder = present_rows(batch["inputs"][m], batch["label"], batch["present"][m])
+        with unimodal_forward_mode([model.encoders[m], fusion], n_local, placeholder):
+            with tr.autocast():
+                u = fusion.head_input(m, model.encode(m, x))
+                z = fusion.head(u)
+        ce_sum = F.cross_entropy(z.float(), y, reduction="sum")
+        u = u.detach().float()
+        if placeholder:  # weight 0: same graph, nothing learned
+            ce_sum, u = ce_sum * 0.0, torch.zeros_like(u)
+        # one all-reduce: sum of head inputs (for hbar), loss sum and present count of the global batch
+        s = tr.all_reduce_sum(torch.cat([u.sum(0), torch.stack([ce_sum.detach(), ce_sum.new_tensor(float(n_local))])]))
+        n_global = float(s[-1])
+        if n_global == 0:  # no rank has m: every rank skips alike
             return None
-        with tr.autocast():
-            u = fusion.head_input(m, model.encode(m, x))
-            z = fusion.head(u)
-        loss = self.ce(z, y)
         tr.zero_grad()
-        tr.backward(loss)
-        if self.gradient_modification:
-            # hbar over the global batch: sum and count all-reduced (ranks may keep different counts)
-            s = torch.cat([u.detach().float().sum(0), u.new_tensor([float(u.shape[0])], dtype=torch.float32)])
-            s = tr.all_reduce_sum(s)
-            hbar = s[:-1] / s[-1]
+        tr.backward(ce_sum * (tr.world_size / n_global))  # averaged over ranks: the global mean
+        first = self._steps == 0 and not self.project_first_step
+        if self.gradient_modification and not first:
+            hbar = s[:-2] / n_global
             W = fusion.head.weight
             if self.update_order == "before":
                 self.P = owm_update(self.P, hbar, alpha, self.normalize_P)
@@ -270,9 +339,11 @@ class MLA(Method):
                 self.log(f"grad_ratio_{m}", ratio)
             if self.update_order == "after":
                 self.P = owm_update(self.P, hbar, alpha, self.normalize_P)
+        if self.gradient_modification:
             self.log("P_fro", float(self.P.norm()))
         tr.optimizer_step()
-        value = float(loss.detach())
+        self._steps += 1
+        value = float(s[-2]) / n_global
         self.log(f"loss_{m}", value)
         return value
 
@@ -288,13 +359,15 @@ class MLA(Method):
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self):
-        return {"P": None if self.P is None else self.P.detach().cpu().clone(), "t": self._t}
+        return {"P": None if self.P is None else self.P.detach().cpu().clone(), "t": self._t, "steps": self._steps}
 
     def load_state_dict(self, state: Mapping):
         if state.get("P") is not None:
             device = self.trainer.device if self.trainer is not None else "cpu"
             self.P = state["P"].to(device=device, dtype=torch.float32).clone()
         self._t = int(state.get("t", self._t))
+        self._steps = int(state.get("steps", self._steps))
 
 
-__all__ = ["MLA", "mla_alpha", "mla_fuse", "mla_fusion_weights", "owm_update", "project_head_grad"]
+__all__ = ["MLA", "eval_mode", "mla_alpha", "mla_fuse", "mla_fusion_weights", "owm_update", "present_rows",
+           "project_head_grad", "unimodal_forward_mode"]

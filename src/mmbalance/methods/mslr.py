@@ -51,19 +51,20 @@ def parse_rates(rates: Any, modalities: Sequence[str], method: str = "mslr") -> 
     return out
 
 
-def load_unimodal_weights(model, m: str, run_dir: str | Path) -> list[str]:
+def load_unimodal_weights(model, m: str, run_dir: str | Path, load=None) -> list[str]:
     """Copy modality ``m``'s weights from a finished ``unimodal`` run folder into ``model``.
 
     Reads the run's validation-selected checkpoint (``best.pt``): the encoder ``encoders.<m>.*``
     (every tensor, shapes must match), and, when ``model``'s fusion has a head of its own for m
     (``sum``/``late``: ``heads[m]``), the unimodal run's linear head (``fusion.fc``, the
-    ``concat`` head over m alone). Returns the names of the tensors copied."""
-    from ..engine.checkpoint import load_checkpoint
-
+    ``concat`` head over m alone). ``load(path)`` reads a checkpoint (the trainer's
+    ``load_checkpoint``: safe, one-line errors; default ``torch.load(weights_only=True)``).
+    Returns the names of the tensors copied."""
     path = Path(run_dir) / "best.pt"
     if not path.is_file():
         raise ConfigError(f"mslr option init_from[{m}]: {path} does not exist (give a finished unimodal run folder)")
-    saved = load_checkpoint(path, "cpu").get("model", {})
+    load = load or (lambda p: torch.load(p, map_location="cpu", weights_only=True))
+    saved = load(path).get("model", {})
     prefix = f"encoders.{m}."
     if not any(k.startswith(prefix) for k in saved):
         found = sorted({k.split(".")[1] for k in saved if k.startswith("encoders.")})
@@ -219,7 +220,7 @@ class MSLR(Method):
     def on_epoch_start(self, epoch: int) -> None:
         if epoch == 0 and self.init_from:  # the paper's start: fine-tuned unimodal models
             for m, run_dir in self.init_from.items():
-                load_unimodal_weights(self.model, m, run_dir)
+                load_unimodal_weights(self.model, m, run_dir, self.trainer.load_checkpoint)
         self.multipliers = self.current_multipliers(epoch)
 
     # ------------------------------------------------------------------ training

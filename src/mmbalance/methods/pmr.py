@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Subset
 
-from ..engine.seed import epoch_seed
+from ..utils import epoch_seed, to_device
 from ..registry import ConfigError
 from . import register_method
 from .base import Method
@@ -159,8 +159,6 @@ class PMR(Method):
     # -- prototypes --------------------------------------------------------------------------
     @torch.no_grad()
     def compute_prototypes(self, epoch: int) -> None:
-        from ..engine.trainer import to_device
-
         tr = self.trainer
         C = tr.data.num_classes
         mods = self.model.modalities

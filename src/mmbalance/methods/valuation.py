@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from ..engine.seed import epoch_seed
+from ..utils import epoch_seed
 from ..evaluation.contribution import modality_contributions
 from ..models.model import ABSENT_POLICIES, Output
 from ..registry import ConfigError
