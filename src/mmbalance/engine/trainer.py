@@ -179,7 +179,9 @@ class Trainer:
         if not torch.isfinite(loss.detach()).all():
             raise TrainingDiverged(
                 f"loss is {float(loss.detach())} at epoch {self.epoch + 1}, step {self.global_step}; "
-                "lower optim.lr or set optim.grad_clip")
+                "lower optim.lr or set optim.grad_clip"
+                + (f" (continue from the last good epoch: mmbalance train --resume {self.run_dir} --optim.lr LOWER)"
+                   if self.run_dir is not None and (self.run_dir / "last.pt").exists() else ""))
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         """Backward; with several processes the gradients are then averaged over ranks, so
@@ -465,9 +467,21 @@ def default_run_dir(cfg: RunConfig, root: str = "runs") -> Path:
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved configuration a run folder holds (``config.yaml``); one line when it is
+    missing or damaged."""
     p = Path(run_dir) / "config.yaml"
     if not p.is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.yaml)")
     import yaml
 
-    return from_dict(yaml.safe_load(p.read_text()) or {})
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p} is not valid YAML ({str(e).splitlines()[0]}); restore it from a copy, or retrain "
+                          "the run") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} is damaged (not a mapping of config keys); restore it, or retrain the run")
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
