@@ -23,7 +23,9 @@ def test_list_method_options_generated_from_signature(capsys):
     params = [p for p in inspect.signature(get_method_class("arl").__init__).parameters if p != "self"]
     lines = out.splitlines()
     assert lines[0].startswith("method arl: ") and lines[1].split()[:2] == ["option", "type"]
-    assert [ln.split()[0] for ln in lines[2:]] == params
+    assert [ln.split()[0] for ln in lines[2:2 + len(params)]] == params
+    assert lines[-2].startswith('paper: Wei et al., "Improving Multimodal Learning via Imbalanced Learning" (ICCV 2025)')
+    assert lines[-1].startswith("category: optimisation; step cost")
     t_line = next(ln for ln in lines if ln.split()[0] == "T")
     assert "8.0" in t_line and "temperature" in t_line
     assert main(["list", "fusions", "concat"]) == 0

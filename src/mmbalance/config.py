@@ -116,6 +116,7 @@ class TrainConfig:
     progress: progress bars: auto (when stderr is a terminal), on or off.
     stop_after_epochs: stop this invocation after N epochs (continue with --resume).
     loggers: extra loggers besides metrics.jsonl: csv (metrics.csv) and/or tensorboard.
+    keep_checkpoints: also keep every epoch's weights as epoch<N>.pt (for contribution over epochs).
     """
 
     epochs: PosInt = 40
@@ -132,6 +133,7 @@ class TrainConfig:
     progress: Literal["auto", "on", "off"] = "auto"
     stop_after_epochs: PosInt | None = None
     loggers: list[Literal["csv", "tensorboard"]] = field(default_factory=list)
+    keep_checkpoints: bool = False
 
 
 @dataclass
@@ -268,7 +270,7 @@ def dump_yaml(cfg: RunConfig) -> str:
 # Keys that change how a run is executed or shown, not what it computes: a run folder whose
 # configuration differs only in these is the same run (its results stand).
 FINGERPRINT_IGNORES = ("output_dir", "train.progress", "train.num_workers", "train.stop_after_epochs",
-                       "train.device", "train.loggers")
+                       "train.device", "train.loggers", "train.keep_checkpoints")
 
 
 def config_fingerprint(cfg: RunConfig | dict[str, Any]) -> str:

@@ -99,7 +99,8 @@ class RunFolder:
             return
         if (p / "last.pt").exists() or (p / "metrics.jsonl").exists() or (p / "results.json").exists():
             raise ConfigError(f"{p} already holds a run; continue it with --resume {p} or choose another --output-dir")
-        others = [c.name for c in p.iterdir() if not c.name.startswith(".") and c.name not in RUN_FILES]
+        others = [c.name for c in p.iterdir() if not c.name.startswith(".") and c.name not in RUN_FILES
+                  and not (c.name.startswith("epoch") and c.name.endswith(".pt"))]
         if others:
             raise ConfigError(f"{p} is not empty and is not a run folder (it holds {', '.join(sorted(others)[:3])}"
                               f"{' ...' if len(others) > 3 else ''}); choose another --output-dir")

@@ -185,10 +185,29 @@ class Trainer:
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         """Backward; with several processes the gradients are then averaged over ranks, so
-        whatever a method does to them next acts on the global-batch gradient."""
+        whatever a method does to them next acts on the global-batch gradient. The L2 norm of
+        each encoder's gradient is accumulated on the device for ``metrics.jsonl``."""
         self.check_finite(loss)
         loss.backward(**kwargs)
         dist_utils.average_gradients(self.model.parameters())
+        self._record_grad_norms()
+
+    @torch.no_grad()
+    def _record_grad_norms(self) -> None:
+        acc = getattr(self, "_grad_norms", None)
+        if acc is None:
+            return
+        for i, m in enumerate(self.modalities):
+            grads = [p.grad for p in self.model.encoders[m].parameters() if p.grad is not None]
+            if grads:
+                acc[i] += torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).double()
+        acc[-1] += 1
+
+    def _epoch_grad_norms(self) -> dict[str, float]:
+        """Mean per-backward L2 norm of each encoder's gradient over the epoch (one host sync)."""
+        acc = self._grad_norms.cpu()
+        n = max(float(acc[-1]), 1.0)
+        return {m: float(acc[i]) / n for i, m in enumerate(self.modalities)}
 
     def clip_gradients(self) -> float | None:
         if self.cfg.optim.grad_clip is None:
@@ -333,14 +352,16 @@ class Trainer:
             loader = self.loader(dataset, shuffle=True, batch_size=tc.batch_size,
                                  seed=epoch_seed(tc.seed, epoch), drop_last=drop_last, shard=True)
             self.model.train()
-            sums: dict[str, float] = {}
+            sums: dict[str, Any] = {}
+            self._grad_norms = torch.zeros(len(self.modalities) + 1, dtype=torch.float64, device=self.device)
             n = 0
             for batch in self.progress(loader, desc=f"epoch {epoch + 1}/{tc.epochs}"):
                 batch = to_device(batch, self.device)
                 self.global_step += 1
                 stats = self.method.training_step(batch)
                 for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    # tensors stay on the device: one host synchronisation per epoch, not per step
+                    sums[k] = sums.get(k, 0.0) + (v.detach().to(torch.float64) if torch.is_tensor(v) else float(v))
                 n += 1
             self.method.on_epoch_end(epoch)
             lr = self.optimizer.param_groups[0]["lr"]
@@ -353,7 +374,8 @@ class Trainer:
             improved = value > self.best_value
             if improved:
                 self.best_value, self.best_epoch = value, epoch
-            record = {"epoch": epoch + 1, "lr": lr, "train": {k: v / max(n, 1) for k, v in sums.items()},
+            record = {"epoch": epoch + 1, "lr": lr, "train": {k: float(v) / max(n, 1) for k, v in sums.items()},
+                      "grad_norm": self._epoch_grad_norms(),
                       "train_size": len(dataset), "val": val, "diagnostics": diagnostics,
                       "seconds": round(time.perf_counter() - t0, 4)}
             self._log_epoch(record, improved)
@@ -362,6 +384,10 @@ class Trainer:
                     if improved:
                         self.folder.save("best.pt", {"model": self.model.state_dict(),
                                                      "method": self.method.state_dict(), "epoch": epoch},
+                                         self.fingerprint)
+                    if tc.keep_checkpoints:
+                        self.folder.save(f"epoch{epoch + 1}.pt", {"model": self.model.state_dict(),
+                                                                  "method": self.method.state_dict(), "epoch": epoch},
                                          self.fingerprint)
                     self.folder.append_metrics(record)
                     for lg in getattr(self, "loggers", []):

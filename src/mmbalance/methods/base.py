@@ -174,11 +174,12 @@ class Method:
 
     # -- diagnostics -----------------------------------------------------------------------
     def log(self, name: str, value: float | Tensor) -> None:
-        """Record a diagnostic; the epoch's mean goes to metrics.jsonl."""
-        self._logs[name].append(float(value))
+        """Record a diagnostic; the epoch's mean goes to metrics.jsonl. A tensor stays on its
+        device (no host synchronisation per step); it is converted once per epoch."""
+        self._logs[name].append(value.detach().to(torch.float64) if isinstance(value, Tensor) else float(value))
 
     def epoch_diagnostics(self) -> dict[str, float]:
-        out = {k: sum(v) / len(v) for k, v in self._logs.items() if v}
+        out = {k: float(sum(v) / len(v)) for k, v in self._logs.items() if v}
         self._logs.clear()
         return out
 
