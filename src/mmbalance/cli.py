@@ -329,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
         ex = sub.add_parser("experiment", help="multi-seed runs, sweeps and result tables")
         exp_cli.add_arguments(ex)
         ex.set_defaults(func=exp_cli.run)
+        tu = sub.add_parser("tune", help="the fair protocol: same search budget per method, then several seeds")
+        exp_cli.add_tune_arguments(tu)
+        tu.set_defaults(func=exp_cli.run_tune)
+        su = sub.add_parser("summarize", help="mean ± std, gap to joint with significance: Markdown, CSV, LaTeX")
+        exp_cli.add_summarize_arguments(su)
+        su.set_defaults(func=exp_cli.run_summarize)
     except ImportError:  # pragma: no cover
         pass
     return p
