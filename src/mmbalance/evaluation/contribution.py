@@ -63,20 +63,33 @@ def use_absent_policy(model: MultimodalModel, policy: str | None) -> Iterator[Mu
 
 
 def subset_values(model: MultimodalModel, features: Mapping[str, Tensor], labels: Tensor,
-                  absent: Mapping[str, Tensor]) -> Tensor:
+                  absent: Mapping[str, Tensor], max_rows: int = 65536) -> Tensor:
     """v(S) for every subset mask S (bit i = ``model.modalities[i]`` present): shape (2^M, B).
 
     ``features`` are the encoder features (absent-for-the-sample modalities already replaced by
-    their ``absent`` feature); each non-empty subset costs one head evaluation.
+    their ``absent`` feature). The non-empty subsets are evaluated in as few fusion-head calls as
+    ``max_rows`` allows: each subset's features (the absent ones substituted) are stacked along
+    the batch axis, so the cost is the head's arithmetic, not 2^M Python-level calls (the head
+    treats samples independently in eval mode, so this equals one call per subset).
     """
     mods = model.modalities
     M = len(mods)
     B = labels.shape[0]
     values = torch.zeros(2**M, B, dtype=torch.float64, device=labels.device)
-    for S in range(1, 2**M):
-        keep = [mods[i] for i in subset_members(S, M)]
-        logits = model.fuse_subset(features, keep, absent).logits
-        values[S] = len(keep) * (logits.argmax(-1) == labels).to(torch.float64)
+    masks = torch.tensor([[bool(S >> i & 1) for i in range(M)] for S in range(2**M)], device=labels.device)
+    per_call = max(1, max_rows // max(B, 1))
+    for start in range(1, 2**M, per_call):
+        subsets = range(start, min(2**M, start + per_call))
+        k = len(subsets)
+        stacked = {}
+        for i, m in enumerate(mods):
+            f = features[m]
+            keep = masks[start:start + k, i].view(k, 1, 1)
+            stacked[m] = torch.where(keep, f.unsqueeze(0), absent[m].to(f.dtype).view(1, 1, -1)).reshape(k * B, -1)
+        logits, _ = model.fusion(stacked)
+        correct = (logits.argmax(-1).view(k, B) == labels.view(1, B)).to(torch.float64)
+        sizes = masks[start:start + k].sum(1).to(torch.float64).view(k, 1)
+        values[start:start + k] = sizes * correct
     return values
 
 
