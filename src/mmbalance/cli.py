@@ -323,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
         pp.set_defaults(func=cmd_preprocess)
     except ImportError:  # pragma: no cover - module not present
         pass
+    from .data import extract
+
+    xf = sub.add_parser("extract-features", help=extract.HELP)
+    extract.add_arguments(xf)
+    xf.set_defaults(func=extract.run)
     try:
         from .experiments import cli as exp_cli
 

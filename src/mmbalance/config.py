@@ -155,6 +155,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return coerce_value(value, tp, f"config key '{key}'")
 
 
+def _deep_update(d: dict[str, Any], u: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``u`` into ``d`` recursively: ``--model.encoders.image.weights F`` keeps the other
+    options a config file gave ``model.encoders.image``."""
+    for k, x in u.items():
+        d[k] = _deep_update(d[k], x) if isinstance(x, dict) and isinstance(d.get(k), dict) else x
+    return d
+
+
 def _merge_section(obj: Any, data: dict[str, Any], prefix: str) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix}' must be a mapping, got {data!r}")
@@ -170,7 +178,7 @@ def _merge_section(obj: Any, data: dict[str, Any], prefix: str) -> None:
         elif k in fields:
             cur = getattr(obj, k)
             if isinstance(cur, dict) and isinstance(v, dict):
-                cur.update(v)
+                _deep_update(cur, v)
             else:
                 setattr(obj, k, _coerce(v, hints[k], key))
         elif open_key is not None:
