@@ -53,6 +53,11 @@ def build_dataset(name: str, **options: Any) -> DataSplits:
         # ``name`` is not an option here: dataset.name is the file itself
         options = _checked_options(name, load_features, options, skip=("path", "name"))
         return load_features(name, **options)
+    if name.endswith(".mat") and os.path.exists(name):
+        from .multiview import multiview_mat
+
+        options = _checked_options(name, multiview_mat, options, skip=("root",))
+        return multiview_mat(root=name, **options)
     factory = DATASETS.get(name)
     options = _checked_options(name, factory, options)
     return factory(**options)

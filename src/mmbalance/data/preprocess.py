@@ -54,7 +54,7 @@ __all__ = ["Item", "add_arguments", "run", "discover", "process_item", "DATASETS
 
 CREMA_D_CLASSES = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # OGM-GE's class order
 VIDEO_EXTS = (".mp4", ".flv", ".mkv", ".webm", ".avi", ".mov")
-DATASETS = ["crema_d", "kinetics_sounds", "ave"]
+DATASETS = ["crema_d", "kinetics_sounds", "ave", "ucf101", "nvgesture"]
 
 
 @dataclass(frozen=True)
@@ -275,6 +275,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--short-side", type=int, default=None, help="resize frames so the shorter side has this many pixels (default: keep)")
     parser.add_argument("--limit", type=int, default=None, help="process only the first N items (a quick trial)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .framesets import add_preprocess_arguments
+
+    add_preprocess_arguments(parser)  # the frame-folder datasets' options (flow)
 
 
 def _write_lines(path: Path, lines: Iterable[str]) -> None:
@@ -287,6 +290,10 @@ def run(args: argparse.Namespace) -> int:
     """Run the preprocessing; returns the exit code (0, or 1 when nothing could be processed)."""
     from tqdm.auto import tqdm
 
+    if args.dataset in ("ucf101", "nvgesture"):
+        from .framesets import run_preprocess
+
+        return run_preprocess(args)
     from .audio import RECIPES
 
     t0 = time.time()
