@@ -92,6 +92,10 @@ SPACES: dict[str, dict[str, Any]] = {
     "sample_valuation": {"warmup_epochs": Choice((2, 5, 10))},    # valuation paper: warm-up before resampling
     "modality_valuation": {"warmup_epochs": Choice((2, 5, 10)),
                            "f_m": Choice(("identity", "tanh", "power"))},  # valuation suppl. Table 7 choices
+    "dgl": {"alpha": Choice((1.0, 2.0, 3.0, 4.0, 5.0))},  # DGL code: unimodal-loss weight 4
+    "mmcosine": {"scale": Choice((5.0, 10.0, 15.0, 20.0))},  # MMCosine paper: scale s sweep
+    "lfm": {"alignment": Choice(("contrastive", "js")), "decay": Choice((0.1, 0.3, 1.0))},  # LFM code variants
+    "domfn": {"tau": Choice((0.2, 0.5)), "eta": Choice((0.0, 0.5, 1.0))},  # DOMFN code defaults around
 }
 
 

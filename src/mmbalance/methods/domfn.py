@@ -12,7 +12,7 @@ training loss. Pure math: :func:`domfn_predictions`, :func:`domfn_penalties`,
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Literal, Mapping, Sequence
+from typing import Annotated, Literal, Mapping
 
 import torch
 import torch.nn.functional as F

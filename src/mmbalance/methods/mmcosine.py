@@ -115,8 +115,8 @@ class MMCosine(Method):
 
     def training_step(self, batch):
         out, loss = self.fused_forward(batch)
+        self._log_statistics(out, batch)  # the weights this forward used (before the step)
         self.trainer.step(loss)
-        self._log_statistics(out, batch)
         return {"loss": float(loss.detach())}
 
     @torch.no_grad()
