@@ -228,16 +228,6 @@ def member_step(method: Method, nets: Mapping[str, Net], batch: Mapping[str, Any
     return means
 
 
-def drop_trailing_single(n: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> bool:
-    """The engine's ``drop_last`` rule for a training loader: as asked, or when each process's
-    trailing batch would hold one sample (BatchNorm cannot train on it).
-
-    >>> drop_trailing_single(49, 16), drop_trailing_single(48, 16), drop_trailing_single(34, 16, 2)
-    (True, False, True)
-    """
-    return bool(drop_last) or (n // world_size) % max(batch_size // world_size, 1) == 1
-
-
 def stage1_seed(seed: int, epoch: int) -> int:
     """Seed of stage-1 epoch ``epoch``: ``epoch_seed(seed, -1 - epoch)``, a stream apart from the
     run's epochs (``epoch_seed(seed, e)`` for e >= 0)."""
@@ -260,7 +250,7 @@ def pretrain_members(method: Method, nets: Mapping[str, Net], epochs: int, selec
     tc = tr.cfg.train
     metric = tc.select_metric
     data = tr.data.train
-    drop_last = drop_trailing_single(len(data), tc.batch_size, tr.world_size, tc.drop_last)
+    drop_last = tr.drop_last_for(len(data))
     best: dict[str, tuple[float, int]] = {m: (-math.inf, -1) for m in nets}
     snaps: dict[str, tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
     for e in range(int(epochs)):
