@@ -96,6 +96,9 @@ SPACES: dict[str, dict[str, Any]] = {
     "mmcosine": {"scale": Choice((5.0, 10.0, 15.0, 20.0))},  # MMCosine paper: scale s sweep
     "lfm": {"alignment": Choice(("contrastive", "js")), "decay": Choice((0.1, 0.3, 1.0))},  # LFM code variants
     "domfn": {"tau": Choice((0.2, 0.5)), "eta": Choice((0.0, 0.5, 1.0))},  # DOMFN code defaults around
+    "mmpareto": {"gamma": Choice((1.0, 1.5, 2.0))},          # MMPareto: magnitude rescaling gamma
+    "reconboost": {"alpha": Choice((0.1, 0.5, 1.0))},        # ReconBoost code: reconcilement weight 0.5
+    "umt": {"lambda_distill": Choice((1.0, 10.0, 100.0))},   # UMT distillation weight (BalanceBenchmark 1)
 }
 
 

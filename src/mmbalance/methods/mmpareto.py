@@ -103,6 +103,13 @@ def mmpareto_coefficients(g11: Tensor | float, g12: Tensor | float, g22: Tensor 
     return Integration(g, g, cos, 0.5, False, g, g if sum_norm > 0.0 else 0.0)
 
 
+def _combine(a: Tensor | None, b: Tensor | None, ca: float, cb: float) -> Tensor | None:
+    """``ca * a + cb * b`` with None standing for a zero gradient (None when both are)."""
+    if a is None:
+        return None if b is None else cb * b
+    return ca * a if b is None else ca * a + cb * b
+
+
 @torch.no_grad()
 def rescale_per_tensor(g1: Sequence[Tensor | None], g2: Sequence[Tensor | None], alpha: float,
                        gamma: float) -> list[Tensor | None]:
@@ -154,17 +161,18 @@ class MMPareto(Method):
     encoders by back-propagating the combined feature gradient.
 
     Options:
-        gamma: magnitude factor of the final gradient (1.5, the public code's value for every
-            dataset; the paper's CREMA-D / Kinetics-Sounds runs use it too).
-        gamma_scope: ``conflict`` (gamma only on conflicting steps; without conflict the plain
-            sum) or ``always`` (the public code: every encoder gradient times gamma).
-        rescale: ``encoder`` (one magnitude for the whole encoder vector) or ``tensor`` (the
+        gamma: magnitude factor of the final gradient (1.5, the public code's value, hard-coded
+            for every dataset).
+        gamma_scope: where gamma applies: ``conflict`` (conflicting steps only; without conflict
+            the plain sum) or ``always`` (the public code: every encoder gradient times gamma).
+        rescale: how the magnitude is restored: ``encoder`` (one factor for the whole encoder
+            vector) or ``tensor`` (the
             public code: each parameter tensor rescaled to ``gamma * max(1, ||g_mm,t + g_uni,t|| /
             ||h_t||) * h_t``).
-        gradient_space: ``parameters`` (exact: cosine and MGDA on the encoder-parameter
+        gradient_space: which gradients the rule reads: ``parameters`` (exact: cosine and MGDA on the encoder-parameter
             gradients, two backward passes) or ``features`` (approximation on the gradients with
             respect to the encoder outputs, one backward pass).
-        unimodal_heads: ``separate`` (one linear classifier per modality on its feature next to
+        unimodal_heads: where z_m comes from: ``separate`` (one linear classifier per modality on its feature next to
             the run's fusion, as the public code's ``head_audio`` / ``head_video``) or
             ``fusion`` (the fusion's own unimodal logits, e.g. ``W_m h_m + b/M`` for concat).
 
@@ -266,16 +274,13 @@ class MMPareto(Method):
                 g2 = [p.grad for p in ps]
                 r = mmpareto_coefficients(*gram(g1, g2), gamma=self.gamma, gamma_scope=self.gamma_scope)
                 if self.rescale == "encoder":
-                    new = [None if a is None and b is None else
-                           (r.c_mm * a if a is not None else 0.0) + (r.c_uni * b if b is not None else 0.0)
-                           for a, b in zip(g1, g2)]
+                    new = [_combine(a, b, r.c_mm, r.c_uni) for a, b in zip(g1, g2)]
                 else:
                     new = rescale_per_tensor(g1, g2, r.alpha, r.gamma)
-                    s1, _, s2 = gram([a + b if a is not None and b is not None else (a if a is not None else b)
-                                      for a, b in zip(g1, g2)], new)
+                    s1, _, s2 = gram([_combine(a, b, 1.0, 1.0) for a, b in zip(g1, g2)], new)
                     r.scale = math.sqrt(float(s2) / float(s1)) if float(s1) > 0 else 0.0
                 for p, g in zip(ps, new):
-                    p.grad = None if g is None else (g if torch.is_tensor(g) else torch.zeros_like(p))
+                    p.grad = g
                 results.append(r)
             for p in self._other_params:
                 a = g_mm.get(id(p))

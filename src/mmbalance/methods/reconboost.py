@@ -61,7 +61,7 @@ def boosting_weights(others_logits: Tensor | None, labels: Tensor, weight1: floa
     public code's mean over the class axis of a one-hot product. Detached, float32.
 
     >>> z = torch.tensor([[0.0, 0.0], [2.0, 0.0]])   # p(y=0): 0.5 and 0.881
-    >>> boosting_weights(z, torch.tensor([0, 0]), 5.0, 1.0, 2).round(decimals=4).tolist()
+    >>> [round(w, 4) for w in boosting_weights(z, torch.tensor([0, 0]), 5.0, 1.0, 2).tolist()]
     [2.25, 2.0596]
     """
     with torch.no_grad():
@@ -163,8 +163,8 @@ class ReconBoost(Method):
         weight2: how much the others' true-class probability lowers that weight (1); at most
             ``weight1`` so every sample's weight stays >= 0.
         alpha: weight of the memory-consolidation term (0.5).
-        reconcile_grad: ``real`` (the alpha term's gradient reaches f_m, as the paper intends)
-            or ``detached`` (the public code detaches both softmaxes, so the term has no gradient).
+        reconcile_grad: gradient of the alpha (consolidation) term: ``real`` (it reaches f_m, as
+            the paper intends) or ``detached`` (the public code detaches both softmaxes, so the term has no gradient).
         boost_rate: initial value of the learnable ensemble weight beta (1.0).
         head_hidden: hidden width of the shared head (256, the public code; 0 = linear head).
         reset_optimizer: clear the optimizer's state (momentum) at the start of every phase,
