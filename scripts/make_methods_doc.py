@@ -16,8 +16,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS_BLOCK = re.compile(r"<!-- options:(\w+) -->.*?<!-- /options -->", re.S)
-SECTIONS = ["arl", "mla", "mie", "sample_valuation", "modality_valuation", "ogm_ge", "qmf", "pmr", "agm",
-            "gblending", "mslr", "mses", "greedy"]
+SECTIONS = ["arl", "mla", "mie", "sample_valuation", "modality_valuation",  # the four papers
+            "ogm_ge", "qmf", "pmr", "agm", "gblending", "mslr", "mses", "greedy",  # their baselines
+            "ensemble", "unimodal_pretrain", "umt",  # strong simple baselines
+            "mmpareto", "reconboost", "opm", "inforeg", "dr", "lfm", "dgl", "mmcosine", "domfn"]  # newer methods
 
 
 def main() -> None:

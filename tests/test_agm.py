@@ -11,6 +11,7 @@ from mmbalance.methods.agm import (agm_coefficients, agm_output, agm_ratios, agm
                                    agm_subset_logits, running_mean_update)
 from mmbalance.methods.base import ModelSpec, build_standard_model
 from helpers import capture_step_grads, quick_config
+from mmbalance.methods import create_method
 from mmbalance.registry import ConfigError
 
 
@@ -238,8 +239,16 @@ def test_window_boundaries_and_epoch_origin(origin, active):
             assert k["k_a"] != 1.0 and k["k_v"] != 1.0 and not same, epoch
         else:
             assert k["k_a"] == 1.0 and k["k_v"] == 1.0 and same, epoch
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"^method 'agm' option 'epoch_origin' takes one of 0, 1, got 2$"):
         _trainer(epoch_origin=2)
+    for bad, msg in ((dict(alpha=-0.5), "'alpha' takes a number >= 0, got -0.5"),
+                     (dict(modulation_start=-1), "'modulation_start' takes an integer >= 0, got -1"),
+                     (dict(modulation_end=1.5), "'modulation_end' takes an integer >= 0 or null, got 1.5"),
+                     (dict(fusion_grad_clip=0), "'fusion_grad_clip' takes a number > 0 or null, got 0")):
+        with pytest.raises(ConfigError) as e:
+            create_method("agm", **bad)
+        assert str(e.value) == f"method 'agm' option {msg}"
+    assert create_method("agm", epoch_origin="1", modulation_end="null").epoch_origin == 1
 
 
 def test_hold_after_window_keeps_the_last_coefficients():

@@ -83,7 +83,26 @@ def test_noise_option_changes_audio_only(tmp_path):
 def test_bad_options(tmp_path):
     with pytest.raises(ConfigError, match="modalities"):
         build_dataset("av_digits", root=str(tmp_path), modalities=["text"], **TINY)
+    with pytest.raises(ConfigError, match="names a modality twice"):
+        build_dataset("av_digits", root=str(tmp_path), modalities=["audio", "audio"], **TINY)
     with pytest.raises(ConfigError, match="image_size"):
         build_dataset("av_digits", root=str(tmp_path), image_size=40, **TINY)
     with pytest.raises(ConfigError, match="size"):
         build_dataset("av_digits", root=str(tmp_path), size=5, progress=False)
+    for bad, msg in ((dict(modalities=["text"]), "'modalities' takes a list of one of 'audio', 'visual' or null, "
+                                                 "got ['text']"),
+                     (dict(size=5), "'size' takes an integer >= 20, got 5"),
+                     (dict(image_size=40), "'image_size' takes an integer in [2, 28], got 40"),
+                     (dict(noise=-1.0), "'noise' takes a number >= 0, got -1.0"),
+                     (dict(image_noise=-0.5), "'image_noise' takes a number >= 0, got -0.5"),
+                     (dict(data_seed=-1), "'data_seed' takes an integer >= 0, got -1"),
+                     (dict(workers=0), "'workers' takes an integer >= 1 or null, got 0")):
+        with pytest.raises(ConfigError) as e:
+            build_dataset("av_digits", root=str(tmp_path), **{**TINY, **bad})
+        assert str(e.value) == f"dataset 'av_digits' option {msg}"
+    # building ahead of time (mmbalance build-data) checks the same declared ranges, before any work
+    with pytest.raises(ConfigError, match=r"^dataset 'av_digits' option 'size' takes an integer >= 20, got 5$"):
+        build_av_digits(tmp_path, size=5)
+    with pytest.raises(ConfigError, match="'image_size' takes an integer in"):
+        build_av_digits(tmp_path, image_size=1)
+    assert not any(tmp_path.iterdir())

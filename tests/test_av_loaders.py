@@ -133,6 +133,17 @@ def test_config_errors(tmp_path, crema_root):
         build_dataset("crema_d", root=str(crema_root), modalities=["text"])
     with pytest.raises(ConfigError, match="no option"):
         build_dataset("crema_d", root=str(crema_root), bogus=1)
+    with pytest.raises(ConfigError, match="names a modality twice"):
+        build_dataset("crema_d", root=str(crema_root), modalities=["audio", "audio"])
+    for name, bad, msg in (("crema_d", dict(modalities=["text"]),
+                            "'modalities' takes a list of one of 'audio', 'visual' or null, got ['text']"),
+                           ("ave", dict(num_frames=0), "'num_frames' takes an integer >= 1, got 0"),
+                           ("kinetics_sounds", dict(val_fraction=1.0), "'val_fraction' takes a number in (0, 1), got 1.0"),
+                           ("crema_d", dict(image_size="big"), "'image_size' takes an integer >= 1, got 'big'"),
+                           ("crema_d", dict(actor_disjoint="maybe"), "'actor_disjoint' takes true/false, got 'maybe'")):
+        with pytest.raises(ConfigError) as e:
+            build_dataset(name, root=str(crema_root), **bad)
+        assert str(e.value) == f"dataset '{name}' option {msg}"
     assert json.loads((crema_root / "meta.json").read_text())["dataset"] == "crema_d"
 
 

@@ -128,6 +128,33 @@ def test_missing_file_and_unknown_modality(tmp_path):
         load(tmp_path, good_arrays(), modalities=["audio", "text"])
 
 
+def test_options_are_typed_in_one_place(tmp_path):
+    from mmbalance.data.features import features_from_arrays
+
+    a = good_arrays()
+    # a direct call checks the same declared types and ranges as the config layer does for a file
+    for bad, msg in ((dict(val_fraction=0.0), "'val_fraction' takes a number in (0, 1), got 0.0"),
+                     (dict(split_seed=-1), "'split_seed' takes an integer >= 0, got -1"),
+                     (dict(standardize="perhaps"), "'standardize' takes true/false, got 'perhaps'")):
+        with pytest.raises(ConfigError) as e:
+            features_from_arrays(a, "p.npz", **bad)
+        assert str(e.value) == f"dataset 'p.npz' option {msg}"
+        p = write(tmp_path, a)
+        with pytest.raises(ConfigError) as e:
+            build_dataset(str(p), **bad)
+        assert str(e.value) == f"dataset '{p}' option {msg}"
+    with pytest.raises(ConfigError, match="^p.npz: option modalities names a modality twice"):
+        features_from_arrays(a, "p.npz", modalities=["audio", "audio"])
+    # numpy scalars and command-line strings are coerced, not refused
+    d = features_from_arrays(a, "p.npz", modalities="image", standardize=np.bool_(False), split_seed=np.int64(2),
+                             val_fraction="0.25")
+    assert d.modalities == ["image"]
+    same = features_from_arrays(a, "p.npz", modalities=["image"], standardize=False, split_seed=2, val_fraction=0.25)
+    assert torch.equal(d.train.arrays["image"], same.train.arrays["image"])
+    off = features_from_arrays(a, "p.npz", modalities="image", standardize="false")
+    assert not torch.equal(off.train.arrays["image"], features_from_arrays(a, "p.npz", modalities="image").train.arrays["image"])
+
+
 def test_errors_are_one_line(tmp_path):
     a = good_arrays()
     del a["labels"]

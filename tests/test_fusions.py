@@ -125,6 +125,20 @@ def test_unknown_fusion_and_option_list_valid_names():
         create_fusion("concat", {"a": 3}, C, bogus=1)
 
 
+def test_fusion_options_are_typed_one_line_errors():
+    dims = {"a": 3, "b": 2}
+    for name, bad, msg in (("concat", dict(unimodal_bias="half"), "'unimodal_bias' takes one of 'share', 'full', got 'half'"),
+                           ("shared_head", dict(combine="max"), "'combine' takes one of 'mean', 'sum', got 'max'"),
+                           ("shared_head", dict(common_dim=0), "'common_dim' takes an integer >= 1 or null, got 0"),
+                           ("gated", dict(hidden_dim=-4), "'hidden_dim' takes an integer >= 1 or null, got -4"),
+                           ("gated", dict(unimodal="others"), "'unimodal' takes one of 'zero_others', 'self', got 'others'")):
+        with pytest.raises(ConfigError) as e:
+            create_fusion(name, dims, C, **bad)
+        assert str(e.value) == f"fusion '{name}' option {msg}"
+    assert create_fusion("shared_head", dims, C, common_dim="8").common_dim == 8
+    assert create_fusion("gated", dims, C, hidden_dim="null", unimodal="self").hidden == 3
+
+
 @pytest.mark.parametrize("M", [2, 3])
 def test_gated_self_gating_unimodal_rule(M):
     dims = DIMS[M]
@@ -139,3 +153,14 @@ def test_gated_self_gating_unimodal_rule(M):
     v = f.value[t0](x[t0])
     blocks = [torch.sigmoid(v) * v] + [torch.zeros(B, f.hidden)] * (len(targets) - 1)
     assert torch.allclose(zm[t0], f.out(torch.cat(blocks, 1)), atol=1e-6)
+
+
+def test_model_absent_policy_choices():
+    from typing import get_args
+
+    from mmbalance.models.model import ABSENT_POLICIES, AbsentPolicy, MultimodalModel
+
+    assert ABSENT_POLICIES == get_args(AbsentPolicy) == ("input", "feature")
+    enc = {"a": torch.nn.Identity()}
+    with pytest.raises(ValueError, match="unknown absent_policy 'zeros'"):
+        MultimodalModel(enc, create_fusion("concat", {"a": 3}, C), {"a": (3,)}, absent_policy="zeros")

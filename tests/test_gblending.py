@@ -53,7 +53,7 @@ def test_weights_eps_and_degenerate_cases():
     # no output generalises: uniform
     w = gblending_weights([1.0, 1.0], [0.5, 0.5], [1.0, 1.0], [1.2, 1.0])
     torch.testing.assert_close(w, torch.full((2,), 0.5, dtype=torch.float64))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="negative_gain"):
         gblending_weights([1.0], [1.0], [1.0], [1.0], negative_gain="clip")
 
 
@@ -66,8 +66,31 @@ def test_holdout_split_disjoint_stratified_seeded():
     tr2, ho2 = holdout_split(labels, 0.2, seed=3)
     assert torch.equal(ho, ho2)
     assert not torch.equal(ho, holdout_split(labels, 0.2, seed=4)[1])
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="holdout_fraction"):
         holdout_split(labels, 1.0, seed=0)
+    with pytest.raises(ConfigError, match="leaves an empty part"):  # data-dependent
+        holdout_split(np.arange(3), 0.1, seed=0)
+
+
+def test_options_are_typed_one_line_errors():
+    from mmbalance.methods import create_method
+
+    for bad, msg in ((dict(mode="both"), "'mode' takes one of 'offline', 'online', got 'both'"),
+                     (dict(estimate_epochs=0), "'estimate_epochs' takes an integer >= 1, got 0"),
+                     (dict(super_epoch=0), "'super_epoch' takes an integer >= 1, got 0"),
+                     (dict(holdout_fraction=1.0), "'holdout_fraction' takes a number in (0, 1), got 1.0"),
+                     (dict(holdout_fraction=0), "'holdout_fraction' takes a number in (0, 1), got 0"),
+                     (dict(holdout_seed=-1), "'holdout_seed' takes an integer >= 0 or null, got -1"),
+                     (dict(eps=-1e-3), "'eps' takes a number >= 0, got -0.001"),
+                     (dict(negative_gain="clip"), "'negative_gain' takes one of 'zero', 'abs', got 'clip'"),
+                     (dict(train_on_holdout="maybe"), "'train_on_holdout' takes true/false or null, got 'maybe'"),
+                     (dict(unimodal_heads="shared"),
+                      "'unimodal_heads' takes one of 'separate', 'fusion', got 'shared'")):
+        with pytest.raises(ConfigError) as e:
+            create_method("gblending", **bad)
+        assert str(e.value) == f"method 'gblending' option {msg}"
+    m = create_method("gblending", estimate_epochs="2", holdout_fraction="0.3", train_on_holdout="no")
+    assert (m.estimate_epochs, m.holdout_fraction, m.train_on_holdout) == (2, 0.3, False)
 
 
 @pytest.mark.parametrize("mode", ["offline", "online"])
@@ -172,7 +195,7 @@ def test_separate_heads_are_the_default_and_fusion_heads_an_option():
                                                                    fusion.heads[m].bias), atol=1e-6)
     plain = trainer(unimodal_heads="fusion")
     assert type(plain.model.fusion).__name__ == "ConcatFusion"
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="option 'unimodal_heads' takes one of 'separate', 'fusion'"):
         trainer(unimodal_heads="shared")
 
 

@@ -91,6 +91,22 @@ def test_controller_by_hand():
     assert bdr(1e-3, 1e-2) == pytest.approx(-1.0)
 
 
+def test_options_are_typed_one_line_errors():
+    from mmbalance.methods import create_method
+
+    for bad, msg in ((dict(excitation="tanh"), "'excitation' takes one of 'sigmoid', '2sigmoid', got 'tanh'"),
+                     (dict(window=0), "'window' takes an integer >= 1, got 0"),
+                     (dict(start_epoch=-1), "'start_epoch' takes an integer >= 0, got -1"),
+                     (dict(epsilon=-0.1), "'epsilon' takes a number >= 0, got -0.1"),
+                     (dict(reduction=0), "'reduction' takes a number > 0, got 0")):
+        with pytest.raises(ConfigError) as e:
+            create_method("greedy", **bad)
+        assert str(e.value) == f"method 'greedy' option {msg}"
+    assert create_method("greedy", mmtm_stages="hidden1, hidden2").mmtm_stages == ["hidden1", "hidden2"]
+    with pytest.raises(ValueError, match="excitation"):
+        MMTM(4, 4, excitation="tanh")
+
+
 def test_two_modalities_only():
     with pytest.raises(ConfigError, match="two modalities"):
         Greedy().modalities(["a", "b", "c"])

@@ -80,3 +80,12 @@ def test_unimodal_keeps_only_its_modality():
     assert _trainer("unimodal").modalities == ["a"]  # default: the first modality
     with pytest.raises(ConfigError, match="unimodal: unknown modality 'z'; modalities: a, b"):
         _trainer("unimodal", modality="z")
+
+
+def test_joint_option_is_typed():
+    from mmbalance.methods import create_method
+
+    with pytest.raises(ConfigError) as e:
+        create_method("joint", unimodal_weight=-0.5)
+    assert str(e.value) == "method 'joint' option 'unimodal_weight' takes a number >= 0, got -0.5"
+    assert create_method("joint", unimodal_weight="1e-1").unimodal_weight == 0.1

@@ -634,6 +634,32 @@ def test_resume_matches_uninterrupted(tmp_path):
     assert diag["gm_ratio/pix"] < 1.0 and diag["gm_ratio/fou"] < 1.0  # each damped by the other's T
 
 
+def test_options_are_typed_one_line_errors():
+    from mmbalance.methods import create_method
+
+    for bad, msg in ((dict(sam="perhaps"), "'sam' takes true/false, got 'perhaps'"),
+                     (dict(rho=-1e-3), "'rho' takes a number >= 0, got -0.001"),
+                     (dict(tau=-1), "'tau' takes a number >= 0, got -1"),
+                     (dict(cov_batch_size=0), "'cov_batch_size' takes an integer >= 1, got 0"),
+                     (dict(gm_scope=1.5), "'gm_scope' takes one of 'head' or a number in (0, 1], got 1.5"),
+                     (dict(gm_scope=0), "'gm_scope' takes one of 'head' or a number in (0, 1], got 0"),
+                     (dict(schedule="stages"), "'schedule' takes one of 'batch', 'epochs', 'steps', got 'stages'"),
+                     (dict(stage_epochs=[2, 0]),
+                      "'stage_epochs' takes an integer >= 1 or a list of integers >= 1, got [2, 0]"),
+                     (dict(inner_steps=0), "'inner_steps' takes an integer >= 1 or null, got 0"),
+                     (dict(fusion="max"), "'fusion' takes one of 'average', 'entropy', got 'max'"),
+                     (dict(variant="code"), "'variant' takes one of 'paper', 'official', got 'code'"),
+                     (dict(mixup_alpha=0), "'mixup_alpha' takes a number > 0, got 0"),
+                     (dict(clean_weight=1.5), "'clean_weight' takes a number in [0, 1], got 1.5")):
+        with pytest.raises(ConfigError) as e:
+            create_method("mie", **bad)
+        assert str(e.value) == f"method 'mie' option {msg}"
+    m = create_method("mie", gm_scope="0.5", schedule="epochs", stage_epochs="25,50", reset_optimizer="yes")
+    assert (m.gm_scope, m.stage_epochs, m.reset_optimizer) == (0.5, [25, 50], True)
+    assert create_method("mie", schedule="steps", inner_steps="3").inner_steps == 3
+    assert create_method("mie", gm_scope="head").gm_scope == "head"
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="fusion"):
         make_trainer(fusion="max")
@@ -649,5 +675,7 @@ def test_config_errors():
         make_trainer(schedule="stages")
     with pytest.raises(ConfigError, match="gm_scope"):
         make_trainer(gm_scope=1.5)
+    with pytest.raises(ConfigError, match="stage_epochs takes an integer >= 1 or a non-empty list"):
+        make_trainer(schedule="epochs", stage_epochs=[])
     with pytest.raises(ConfigError, match="--fusion sum"):
         make_trainer(overrides={"model.fusion": "sum"})

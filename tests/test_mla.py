@@ -48,7 +48,7 @@ def test_alpha_schedules():
     assert mla_alpha(0.1, "official", 0, 10) == pytest.approx(0.1)
     assert mla_alpha(0.1, "official", 5, 10) == pytest.approx(0.1 ** 1.5)
     assert mla_alpha(0.1, "official", 9, 10) == pytest.approx(0.1 ** 1.9)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="alpha_schedule"):
         mla_alpha(0.1, "cosine")
 
 
@@ -76,8 +76,12 @@ def test_entropy_weights_are_per_sample_and_sum_to_one():
     assert torch.allclose(fixed, torch.tensor([[0.55, 0.45]] * 2))
     masked = mla_fusion_weights([za, zv], "entropy", present=[torch.tensor([True, False]), torch.tensor([True, True])])
     assert torch.allclose(masked[1], torch.tensor([0.0, 1.0])) and torch.allclose(masked[0], lam[0])
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="one weight per modality"):
         mla_fusion_weights([za, zv], "fixed", [1.0])
+    with pytest.raises(ValueError, match="positive sum"):
+        mla_fusion_weights([za, zv], "fixed", [0.0, 0.0])
+    with pytest.raises(ValueError, match="unknown fusion"):
+        mla_fusion_weights([za, zv], "max")
 
 
 # ----------------------------------------------------------------------------- training step
@@ -419,12 +423,26 @@ def test_predict_entropy_fusion_and_state_roundtrip():
 def test_options_validated():
     from mmbalance.methods import create_method
 
-    for bad in ({"update_order": "later"}, {"schedule": "random"}, {"fusion": "max"}, {"fusion": "fixed"},
-                {"alpha": 0.0}, {"project_first_step": "maybe"}, {"normalize_P": 3}, {"alpha_schedule": "cosine"}):
-        with pytest.raises(ConfigError):
+    for bad, msg in (({"update_order": "later"}, "'update_order' takes one of 'before', 'after', got 'later'"),
+                     ({"schedule": "random"}, "'schedule' takes one of 'all', 'alternate', got 'random'"),
+                     ({"fusion": "max"}, "'fusion' takes one of 'entropy', 'mean', 'fixed', got 'max'"),
+                     ({"alpha": 0.0}, "'alpha' takes a number > 0, got 0.0"),
+                     ({"project_first_step": "maybe"}, "'project_first_step' takes true/false, got 'maybe'"),
+                     ({"normalize_P": 3}, "'normalize_P' takes true/false, got 3"),
+                     ({"alpha_schedule": "cosine"}, "'alpha_schedule' takes one of 'constant', 'official', got 'cosine'"),
+                     ({"fixed_weights": [0.5, -0.1]},
+                      "'fixed_weights' takes a list of numbers >= 0 or null, got [0.5, -0.1]")):
+        with pytest.raises(ConfigError) as e:
             create_method("mla", **bad)
-    with pytest.raises(ConfigError):
+        assert str(e.value) == f"method 'mla' option {msg}"
+    # cross-option and data-dependent checks stay with the method, one line each
+    with pytest.raises(ConfigError, match="^mla: fusion 'fixed' needs fixed_weights"):
+        create_method("mla", fusion="fixed")
+    with pytest.raises(ConfigError, match=r"^mla option fixed_weights needs a positive sum, got \[0.0, 0.0\]$"):
+        create_method("mla", fusion="fixed", fixed_weights=[0, 0])
+    with pytest.raises(ConfigError, match="fixed_weights has 3 entries for 2 modalities"):
         _trainer(fusion="fixed", fixed_weights=[1.0, 2.0, 3.0])
+    assert create_method("mla", fusion="fixed", fixed_weights="0.55,0.45").fixed_weights == [0.55, 0.45]
 
 
 def test_fit_builds_shared_head_and_runs():

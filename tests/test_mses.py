@@ -114,10 +114,17 @@ def test_smoothed_loss_by_hand_and_option_errors():
     assert mses_smoothed_loss(1.0, 2.0, 0.0) == 2.0
     m = MSES()
     assert (m.patience, m.min_delta, m.loss_smoothing, m.rollback) == (5, 0.0, 0.0, "none")  # the paper's rule
-    for bad in ({"patience": 0}, {"min_delta": -1.0}, {"loss_smoothing": 1.0}, {"loss_smoothing": -0.1},
-                {"rollback": "best"}):
-        with pytest.raises(ConfigError, match="mses option"):
-            MSES(**bad)
+    from mmbalance.methods import create_method
+
+    for bad, msg in (({"patience": 0}, "'patience' takes an integer >= 1, got 0"),
+                     ({"min_delta": -1.0}, "'min_delta' takes a number >= 0, got -1.0"),
+                     ({"loss_smoothing": 1.0}, "'loss_smoothing' takes a number in [0, 1), got 1.0"),
+                     ({"loss_smoothing": -0.1}, "'loss_smoothing' takes a number in [0, 1), got -0.1"),
+                     ({"rollback": "best"}, "'rollback' takes one of 'none', 'encoder', 'model', got 'best'")):
+        with pytest.raises(ConfigError) as e:
+            create_method("mses", **bad)
+        assert str(e.value) == f"method 'mses' option {msg}"
+    assert create_method("mses", patience="81", loss_smoothing="0.6").patience == 81
 
 
 def _scripted(monkeypatch, m, losses):

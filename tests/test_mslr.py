@@ -6,6 +6,7 @@ import torch
 from mmbalance.config import load_config
 from mmbalance.engine.trainer import Trainer, to_device
 from mmbalance.methods.mslr import mslr_dynamic_ratio, mslr_smooth_multiplier, parse_rates
+from mmbalance.methods import create_method
 from mmbalance.registry import ConfigError
 from helpers import tiny_data as make_tiny_data
 
@@ -36,9 +37,11 @@ def test_smooth_and_parse_rates():
     assert parse_rates(None, ["a", "b"]) == {"a": 1.0, "b": 1.0}
     assert parse_rates({"b": 1.1}, ["a", "b"]) == {"a": 1.0, "b": 1.1}
     assert parse_rates([0.9, 1.1], ["a", "b"]) == {"a": 0.9, "b": 1.1}
-    for bad in ({"c": 1.0}, [1.0], [1.0, -1.0], "x"):
+    for bad in ({"c": 1.0}, [1.0], [1.0, -1.0], {"a": 0.0}):  # data-dependent, or a mapping's values
         with pytest.raises(ConfigError):
             parse_rates(bad, ["a", "b"])
+    with pytest.raises(ValueError, match="must be a number, a list or a dict"):
+        parse_rates("x", ["a", "b"])
 
 
 def _one_step(tr):
@@ -150,8 +153,24 @@ def test_modulation_window_boundaries():
         torch.testing.assert_close(g_in[n], c * g_out[n], msg=n)
     with pytest.raises(ConfigError, match="modulation_end"):
         MSLR(modulation_start=3, modulation_end=2)
-    with pytest.raises(ConfigError, match="modulation_start"):
-        MSLR(modulation_start=-1)
+    from mmbalance.methods import create_method
+
+    for bad, msg in (({"modulation_start": -1}, "'modulation_start' takes an integer >= 0, got -1"),
+                     ({"modulation_end": -1}, "'modulation_end' takes an integer >= 0 or null, got -1"),
+                     ({"strategy": "fast"}, "'strategy' takes one of 'keep', 'smooth', 'dynamic', got 'fast'"),
+                     ({"apply": "loss"}, "'apply' takes one of 'grad', 'update', got 'loss'"),
+                     ({"window": 0}, "'window' takes an integer >= 1, got 0"),
+                     ({"rates": [1.0, -1.0]},
+                      "'rates' takes a number > 0 or a list of numbers > 0 or a mapping or null, got [1.0, -1.0]"),
+                     ({"rates": "x"},
+                      "'rates' takes a number > 0 or a list of numbers > 0 or a mapping or null, got 'x'"),
+                     ({"init_from": "runs/a"}, "'init_from' takes a mapping or null, got 'runs/a'")):
+        with pytest.raises(ConfigError) as e:
+            create_method("mslr", **bad)
+        assert str(e.value) == f"method 'mslr' option {msg}"
+    assert create_method("mslr", rates="0.9,1.1").rates == [0.9, 1.1]
+    assert create_method("mslr", rates="2").rates == 2.0
+    assert create_method("mslr", rates={"a": 0.5}).rates == {"a": 0.5}
 
 
 def test_dynamic_history_is_recorded_outside_the_window():
@@ -255,5 +274,5 @@ def test_init_from_errors(tmp_path):
     wide = _unimodal_run(tmp_path, "a", hidden=(8, 4))
     with pytest.raises(ConfigError, match="does not fit"):
         make("mslr", "sum", init_from={"a": str(wide)}).method.on_epoch_start(0)
-    with pytest.raises(ConfigError, match="init_from"):
-        MSLR(init_from="runs/a")
+    with pytest.raises(ConfigError, match="option 'init_from' takes a mapping or null"):
+        create_method("mslr", init_from="runs/a")

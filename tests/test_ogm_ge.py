@@ -110,7 +110,7 @@ def test_training_step_scales_dominant_encoder_only():
     over = {"optim.momentum": 0.0, "optim.weight_decay": 0.0, "method.ge": False, "train.batch_size": 256,
             "model.encoder_options": {"dropout": 0.0}}
     tr = Trainer(_cfg(**over))
-    ref = Trainer(_cfg(**{**over, "method.modulation_end": -1}))  # window closed: plain joint step
+    ref = Trainer(_cfg(**{**over, "method.modulation_start": 1}))  # epoch 0 outside the window: plain joint step
     ref.model.load_state_dict(tr.model.state_dict())
     batch = next(iter(tr.loader(tr.data.train, batch_size=256)))
     w0 = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
@@ -134,9 +134,19 @@ def test_runs_with_three_modalities_and_film():
     tr2.fit()
 
 
-def test_bad_scope_is_a_config_error():
-    with pytest.raises(ConfigError):
-        create_method("ogm_ge", scope="everything")
+def test_bad_options_are_one_line_config_errors():
+    for bad, msg in (({"scope": "everything"}, "'scope' takes one of 'conv_linear_weights', 'all', got 'everything'"),
+                     ({"alpha": -0.1}, "'alpha' takes a number >= 0, got -0.1"),
+                     ({"modulation_start": -1}, "'modulation_start' takes an integer >= 0, got -1"),
+                     ({"modulation_end": "x"}, "'modulation_end' takes an integer >= 0, got 'x'"),
+                     ({"ge": "sometimes"}, "'ge' takes true/false, got 'sometimes'")):
+        with pytest.raises(ConfigError) as e:
+            create_method("ogm_ge", **bad)
+        assert str(e.value) == f"method 'ogm_ge' option {msg}"
+    with pytest.raises(ValueError, match="unknown scope"):
+        select_parameters(torch.nn.Linear(2, 2), "everything")
+    with pytest.raises(ValueError, match="two modalities"):
+        ogm_coefficients(torch.ones(1), alpha=0.8)
 
 
 

@@ -229,9 +229,19 @@ def test_resume_state_round_trip_gives_the_same_next_step():
 
 
 def test_invalid_options():
-    for bad in ({"mu": 1.5}, {"proto_fraction": 0.0}):
-        with pytest.raises(ConfigError):
+    from mmbalance.methods import create_method
+
+    for bad, msg in (({"mu": 1.5}, "'mu' takes a number in [0, 1], got 1.5"),
+                     ({"proto_fraction": 0.0}, "'proto_fraction' takes a number in (0, 1], got 0.0"),
+                     ({"alpha": -1}, "'alpha' takes a number >= 0, got -1"),
+                     ({"modulation_start": -2}, "'modulation_start' takes an integer >= 0, got -2"),
+                     ({"modulation_end": 2.5}, "'modulation_end' takes an integer >= 0, got 2.5")):
+        with pytest.raises(ConfigError) as e:
             _trainer(**bad)
+        assert str(e.value) == f"method 'pmr' option {msg}"
+        with pytest.raises(ConfigError):
+            create_method("pmr", **bad)
+    assert create_method("pmr", mu="0.2", proto_fraction=1).proto_fraction == 1.0
 
 
 # ---------------------------------------------------------------------------------------------

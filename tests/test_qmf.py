@@ -113,8 +113,21 @@ def test_training_history_predict_and_resume_state():
 def test_three_modalities_and_fusion_rules():
     Trainer(_cfg(**{"dataset.options": {"modalities": ["pix", "fou", "zer"]}, "train.epochs": 1,
                     "model.fusion": "sum"})).fit()
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="qmf needs per-modality classifiers"):
         Trainer(_cfg(**{"model.fusion": "film"}))
+
+
+def test_options_are_typed_one_line_errors():
+    from mmbalance.methods import create_method
+
+    for bad, msg in (({"temperature": 0}, "'temperature' takes a number > 0, got 0"),
+                     ({"lambda_rank": -0.1}, "'lambda_rank' takes a number >= 0, got -0.1"),
+                     ({"detach_weights": "sometimes"}, "'detach_weights' takes true/false, got 'sometimes'")):
+        with pytest.raises(ConfigError) as e:
+            create_method("qmf", **bad)
+        assert str(e.value) == f"method 'qmf' option {msg}"
+    m = create_method("qmf", temperature="5", detach_weights="true")
+    assert (m.temperature, m.detach_weights) == (5.0, True)
 
 
 def test_training_step_adds_per_sample_unimodal_ce_at_the_batch_indices():

@@ -91,5 +91,22 @@ def test_bad_input_shape():
         create_encoder("resnet18_visual", (3, 2, 32, 32), in_channels=1)
     with pytest.raises(ConfigError):
         create_encoder("resnet18_audio", (64, 64))
-    with pytest.raises(ConfigError, match="width"):
+    with pytest.raises(ConfigError, match=r"^encoder 'resnet18_audio' option 'width' takes an integer >= 1, got 0$"):
         create_encoder("resnet18_audio", (1, 64, 64), width=0)
+    with pytest.raises(ConfigError, match=r"^encoder 'resnet18_visual' option 'in_channels' takes an integer >= 1 "
+                                          r"or null, got 0$"):
+        create_encoder("resnet18_visual", (3, 2, 32, 32), in_channels=0)
+    assert create_encoder("resnet18_audio", (1, 32, 32), width="8").out_dim == 64
+
+
+def test_mlp_encoder_options_are_typed():
+    for bad, msg in ((dict(hidden=[8, 0]), "'hidden' takes a list of integers >= 1, got [8, 0]"),
+                     (dict(dropout=1.0), "'dropout' takes a number in [0, 1), got 1.0"),
+                     (dict(batchnorm="some"), "'batchnorm' takes true/false, got 'some'")):
+        with pytest.raises(ConfigError) as e:
+            create_encoder("mlp", (5,), **bad)
+        assert str(e.value) == f"encoder 'mlp' option {msg}"
+    with pytest.raises(ConfigError, match=r"^encoder 'mlp' option 'hidden' takes at least one width, got \[\]$"):
+        create_encoder("mlp", (5,), hidden=[])
+    enc = create_encoder("mlp", (5,), hidden="16,4", dropout="0")
+    assert enc.out_dim == 4 and not any(isinstance(m, torch.nn.Dropout) for m in enc.modules())

@@ -24,5 +24,10 @@ def test_default_views_strong_then_weak_and_any_selection():
     assert d.modalities == ["pix", "fou"]
     d3 = build_dataset("uci_mfeat", modalities=["zer", "kar", "mor"])
     assert d3.modalities == ["zer", "kar", "mor"]
-    with pytest.raises(ConfigError, match="unknown modality"):
+    with pytest.raises(ConfigError) as e:
         build_dataset("uci_mfeat", modalities=["pixels"])
+    assert str(e.value) == ("dataset 'uci_mfeat' option 'modalities' takes a list of one of 'fou', 'fac', 'kar', "
+                            "'pix', 'zer', 'mor' or null, got ['pixels']")
+    with pytest.raises(ConfigError, match="names a modality twice"):
+        build_dataset("uci_mfeat", modalities=["pix", "pix"])
+    assert build_dataset("uci_mfeat", modalities="fou,pix").modalities == ["fou", "pix"]

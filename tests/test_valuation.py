@@ -222,7 +222,7 @@ def test_resample_count_boundaries():
     assert resample_counts(phi, "double").tolist() == [1, 1, 1, 2, 0, 0, 0, 4]
     # the public code gives one copy for every 0.4 < phi < 1 and caps at 3
     assert resample_counts(phi, "official").tolist() == [1, 1, 1, 2, 0, 1, 0, 3]
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="unknown f_s 'cube'"):
         resample_counts(phi, "cube")
 
 
@@ -308,8 +308,10 @@ def test_modality_gap_for_three_modalities_by_hand():
     assert i == 1 and float(d) == pytest.approx(((1.2 - 0.3) + (0.9 - 0.3)) / 2)
     assert float(normalize_gap(d, 3)) == pytest.approx(0.75 / 2)
     assert modality_resample_rate(torch.tensor([3.0, -1.0]))[1] == 1.0  # clamped to [0, 1]
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="at least two modalities"):
         contribution_gap(torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="unknown f_m 'relu'"):
+        modality_resample_rate(torch.tensor([1.0, 0.5]), "relu")
 
 
 @pytest.mark.parametrize("strategy", ["resample", "modality_drop", "data_mask"])
@@ -382,13 +384,29 @@ def test_modality_valuation_fixed_rate_extremes_and_fit():
 
 
 def test_options_are_validated():
-    for bad in [dict(f_s="cube")]:
-        with pytest.raises(ConfigError):
-            create_method("sample_valuation", **bad)
-    for bad in [dict(strategy="mixup"), dict(f_m="relu"), dict(subset_ratio=0.0), dict(fixed_rate=1.5),
-                dict(absent_policy="zeros")]:
-        with pytest.raises(ConfigError):
-            create_method("modality_valuation", **bad)
+    from typing import get_args
+
+    from mmbalance.methods.valuation import (RATE_FUNCTIONS, RESAMPLE_FUNCTIONS, RateFunction,
+                                             ResampleFunction)
+
+    # the options' choices are exactly the named functions
+    assert get_args(ResampleFunction) == tuple(RESAMPLE_FUNCTIONS)
+    assert get_args(RateFunction) == tuple(RATE_FUNCTIONS)
+    cases = [("sample_valuation", dict(f_s="cube"), "'f_s' takes one of 'double', 'identity', 'square', 'official', "
+                                                    "got 'cube'"),
+             ("sample_valuation", dict(warmup_epochs=-1), "'warmup_epochs' takes an integer >= 0, got -1"),
+             ("modality_valuation", dict(strategy="mixup"),
+              "'strategy' takes one of 'resample', 'modality_drop', 'data_mask', got 'mixup'"),
+             ("modality_valuation", dict(f_m="relu"), "'f_m' takes one of 'identity', 'tanh', 'power', got 'relu'"),
+             ("modality_valuation", dict(subset_ratio=0.0), "'subset_ratio' takes a number in (0, 1], got 0.0"),
+             ("modality_valuation", dict(fixed_rate=1.5), "'fixed_rate' takes a number in [0, 1] or null, got 1.5"),
+             ("modality_valuation", dict(mask_ratio=-0.5), "'mask_ratio' takes a number in [0, 1], got -0.5"),
+             ("modality_valuation", dict(absent_policy="zeros"),
+              "'absent_policy' takes one of 'input', 'feature' or null, got 'zeros'")]
+    for name, bad, msg in cases:
+        with pytest.raises(ConfigError) as e:
+            create_method(name, **bad)
+        assert str(e.value) == f"method '{name}' option {msg}"
     m = create_method("modality_valuation", fixed_rate=0.2)
     assert m.hparams() == {"warmup_epochs": 5, "subset_ratio": 0.2, "f_m": "identity", "strategy": "resample",
                            "fixed_rate": 0.2, "mask_ratio": 0.5, "absent_policy": None}

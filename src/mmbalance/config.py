@@ -48,7 +48,7 @@ class ModelConfig:
     encoders: dict[str, dict[str, Any]] = field(default_factory=dict)
     fusion: str = "concat"
     fusion_options: dict[str, Any] = field(default_factory=dict)
-    absent_policy: str = "input"
+    absent_policy: Literal["input", "feature"] = "input"
 
 
 @dataclass

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..options import Annotated, Interval, Literal
 from ..registry import ConfigError
 from . import register_dataset
 from .base import DataSplits, stratified_split
@@ -44,6 +45,12 @@ __all__ = ["AVClipDataset", "sample_frame_indices", "load_av_layout", "crema_d",
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLIT_SEED = 0
+
+# the option types the three loaders share
+AVModality = Literal["audio", "visual"]
+Frames = Annotated[int, Interval(1, None)]
+ImageSize = Annotated[int, Interval(1, None)]
+ValFraction = Annotated[float, Interval(0, 1, closed="neither")]
 
 
 def sample_frame_indices(n_frames: int, num_segments: int, train: bool,
@@ -185,12 +192,8 @@ def actor_disjoint_split(clips: Sequence[str], fractions: Sequence[float] = (0.8
 def _build(dataset: str, root: str | None, modalities: list[str] | None, num_frames: int, image_size: int,
            classes: str | None, val_fraction: float, actor_disjoint: bool = False) -> DataSplits:
     mods = list(modalities) if modalities else ["audio", "visual"]
-    if not mods or len(set(mods)) != len(mods) or any(m not in ("audio", "visual") for m in mods):
-        raise ConfigError(f"{dataset} has modalities audio, visual; got {modalities!r}")
-    if not isinstance(num_frames, int) or num_frames < 1:
-        raise ConfigError(f"{dataset} option num_frames must be a positive integer, got {num_frames!r}")
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"{dataset} option val_fraction must be in (0, 1), got {val_fraction!r}")
+    if len(set(mods)) != len(mods):  # repeated names: not expressible as a type
+        raise ConfigError(f"{dataset} option 'modalities' names a modality twice: {modalities!r}")
     meta, class_names, lists = load_av_layout(dataset, root, classes)
     index = {c: k for k, c in enumerate(class_names)}
     splits = {s: [(c, index[lab]) for c, lab in rows if lab in index] for s, rows in lists.items()}
@@ -232,21 +235,51 @@ def _build(dataset: str, root: str | None, modalities: list[str] | None, num_fra
 
 
 @register_dataset("crema_d", summary="CREMA-D emotions (6 classes), audio + visual, from a folder made by mmbalance preprocess")
-def crema_d(root: str | None = None, modalities: list[str] | None = None, num_frames: int = 1, image_size: int = 224,
-            classes: str | None = None, val_fraction: float = 0.1, actor_disjoint: bool = False) -> DataSplits:
-    """CREMA-D: 257 x 188 log STFT + ``num_frames`` frames (OGM-GE uses 1; PMR 3; MMPareto 2)."""
+def crema_d(root: str | None = None, modalities: list[AVModality] | None = None, num_frames: Frames = 1,
+            image_size: ImageSize = 224, classes: str | None = None, val_fraction: ValFraction = 0.1,
+            actor_disjoint: bool = False) -> DataSplits:
+    """CREMA-D: 257 x 188 log STFT + ``num_frames`` frames (OGM-GE uses 1; PMR 3; MMPareto 2).
+
+    Options:
+        root: the folder made by ``mmbalance preprocess`` (required).
+        modalities: which of ``audio``, ``visual`` to load (default both).
+        num_frames: video frames per clip, one per equal segment (default 1).
+        image_size: side in pixels of the frames after cropping / resizing (default 224).
+        classes: a class-list file instead of the folder's ``classes.txt`` (clips of other classes are dropped).
+        val_fraction: share of the training list held out for validation when there is no ``val.txt`` (default 0.1).
+        actor_disjoint: re-split all clips by actor, 10% of actors for test and 10% for validation (default False).
+    """
     return _build("crema_d", root, modalities, num_frames, image_size, classes, val_fraction, actor_disjoint)
 
 
 @register_dataset("kinetics_sounds", summary="Kinetics-Sounds (31 or 34 classes from classes.txt), audio + visual, from mmbalance preprocess")
-def kinetics_sounds(root: str | None = None, modalities: list[str] | None = None, num_frames: int = 3,
-                    image_size: int = 224, classes: str | None = None, val_fraction: float = 0.1) -> DataSplits:
-    """Kinetics-Sounds: 1024 x 128 Kaldi fbank + 3 frames (OGM-GE)."""
+def kinetics_sounds(root: str | None = None, modalities: list[AVModality] | None = None, num_frames: Frames = 3,
+                    image_size: ImageSize = 224, classes: str | None = None,
+                    val_fraction: ValFraction = 0.1) -> DataSplits:
+    """Kinetics-Sounds: 1024 x 128 Kaldi fbank + 3 frames (OGM-GE).
+
+    Options:
+        root: the folder made by ``mmbalance preprocess`` (required).
+        modalities: which of ``audio``, ``visual`` to load (default both).
+        num_frames: video frames per clip, one per equal segment (default 3).
+        image_size: side in pixels of the frames after cropping / resizing (default 224).
+        classes: a class-list file instead of the folder's ``classes.txt`` (clips of other classes are dropped).
+        val_fraction: share of the training list held out for validation when there is no ``val.txt`` (default 0.1).
+    """
     return _build("kinetics_sounds", root, modalities, num_frames, image_size, classes, val_fraction)
 
 
 @register_dataset("ave", summary="AVE audio-visual events (28 classes), audio + visual, from mmbalance preprocess")
-def ave(root: str | None = None, modalities: list[str] | None = None, num_frames: int = 3, image_size: int = 224,
-        classes: str | None = None, val_fraction: float = 0.1) -> DataSplits:
-    """AVE: 257 x 1004 log spectrogram + 3 frames (OGM-GE; PMR uses 4); its own val split."""
+def ave(root: str | None = None, modalities: list[AVModality] | None = None, num_frames: Frames = 3,
+        image_size: ImageSize = 224, classes: str | None = None, val_fraction: ValFraction = 0.1) -> DataSplits:
+    """AVE: 257 x 1004 log spectrogram + 3 frames (OGM-GE; PMR uses 4); its own val split.
+
+    Options:
+        root: the folder made by ``mmbalance preprocess`` (required).
+        modalities: which of ``audio``, ``visual`` to load (default both).
+        num_frames: video frames per clip, one per equal segment (default 3).
+        image_size: side in pixels of the frames after cropping / resizing (default 224).
+        classes: a class-list file instead of the folder's ``classes.txt`` (clips of other classes are dropped).
+        val_fraction: share of the training list held out for validation when there is no ``val.txt`` (default 0.1).
+    """
     return _build("ave", root, modalities, num_frames, image_size, classes, val_fraction)

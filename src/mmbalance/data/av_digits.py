@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..options import Annotated, Interval, Literal, validate_options
 from ..registry import ConfigError
 from . import register_dataset
 from .audio import log_mel_spectrogram
@@ -85,13 +86,11 @@ def cache_dir(params: dict[str, Any], root: str | os.PathLike | None = None) -> 
     return Path(root).expanduser() / digest
 
 
-def _check(size: int, noise: float, image_size: int, image_noise: float) -> None:
-    if not isinstance(size, int) or size < 20:
-        raise ConfigError(f"av_digits option size must be an integer >= 20 (2 per class and split), got {size!r}")
-    if noise < 0 or image_noise < 0:
-        raise ConfigError("av_digits options noise and image_noise must be >= 0")
-    if not isinstance(image_size, int) or not 2 <= image_size <= 28:
-        raise ConfigError(f"av_digits option image_size must be an integer in [2, 28], got {image_size!r}")
+def _check(**options: Any) -> dict[str, Any]:
+    """Generation parameters checked (and coerced) against the types and ranges :func:`av_digits`
+    declares, so ``build_av_digits`` (``mmbalance build-data``, direct calls) validates them in
+    the same one place as the dataset options."""
+    return validate_options("dataset", "av_digits", av_digits, options)
 
 
 def _synthesise(items: list[list[Any]], workers: int, progress, tmpdir: Path) -> list[np.ndarray]:
@@ -151,7 +150,10 @@ def build_av_digits(root: str | os.PathLike | None = None, size: int = 3000, noi
     folder renamed at the end). Byte-identical for the same parameters. ``workers`` eSpeak
     processes run at once (default: up to 2).
     """
-    _check(size, noise, image_size, image_noise)
+    checked = _check(size=size, noise=noise, image_size=image_size, image_noise=image_noise, data_seed=data_seed,
+                     workers=workers)
+    size, noise, image_size, image_noise, data_seed, workers = (
+        checked[k] for k in ("size", "noise", "image_size", "image_noise", "data_seed", "workers"))
     params = _params(size, noise, image_size, image_noise, data_seed)
     out = cache_dir(params, root)
     if (out / "meta.json").is_file() and not force:
@@ -263,14 +265,27 @@ class AVDigitsDataset(Dataset):
 
 
 @register_dataset("av_digits", summary="generated audio-visual digits: real MNIST images + synthetic eSpeak speech (10 classes)")
-def av_digits(root: str | None = None, modalities: list[str] | None = None, size: int = 3000,
-              noise: float = 1.0, image_size: int = 7, image_noise: float = 0.5, data_seed: int = 0,
-              workers: int | None = None, progress: bool = True) -> DataSplits:
-    """Load (building on first use) the audio-visual digits dataset; see the module docstring."""
+def av_digits(root: str | None = None, modalities: list[Literal["audio", "visual"]] | None = None,
+              size: Annotated[int, Interval(20, None)] = 3000, noise: Annotated[float, Interval(0, None)] = 1.0,
+              image_size: Annotated[int, Interval(2, 28)] = 7, image_noise: Annotated[float, Interval(0, None)] = 0.5,
+              data_seed: Annotated[int, Interval(0, None)] = 0, workers: Annotated[int, Interval(1, None)] | None = None,
+              progress: bool = True) -> DataSplits:
+    """Load (building on first use) the audio-visual digits dataset; see the module docstring.
+
+    Options:
+        root: cache folder (default None = ``$MMBALANCE_CACHE/av_digits`` or ``~/.cache/mmbalance/av_digits``).
+        modalities: which of ``audio``, ``visual`` to load (default both).
+        size: number of samples, at least 20 (2 per class and split; default 3000).
+        noise: white-noise RMS relative to the speech RMS (default 1.0, i.e. 0 dB SNR).
+        image_size: side in pixels the digit image is reduced to before enlarging to 32 (2-28; default 7).
+        image_noise: standard deviation of the Gaussian pixel noise (default 0.5).
+        data_seed: seed of everything the generation draws (default 0).
+        workers: eSpeak processes run at once when building (default None = up to 2).
+        progress: show a progress bar while building (default True).
+    """
     mods = list(modalities) if modalities else ["audio", "visual"]
-    bad = [m for m in mods if m not in ("audio", "visual")]
-    if bad or len(set(mods)) != len(mods) or not mods:
-        raise ConfigError(f"av_digits has modalities audio, visual; got {modalities!r}")
+    if len(set(mods)) != len(mods):  # repeated names: not expressible as a type
+        raise ConfigError(f"av_digits option 'modalities' names a modality twice: {modalities!r}")
     folder = build_av_digits(root, size, noise, image_size, image_noise, data_seed, workers, progress)
     try:
         audio = np.load(folder / "audio.npy")

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..options import Annotated, Interval, validate_options
 from ..registry import ConfigError
 from .base import ArrayDataset, DataSplits, _fmt_list, _one_line, check_modality_name, stratified_split, validate_splits
 
@@ -34,6 +35,8 @@ _KIND_NAMES = {"b": "booleans", "U": "strings", "S": "byte strings", "O": "Pytho
                "M": "datetimes", "m": "time deltas", "V": "raw/structured records"}
 _F32_MAX = float(np.finfo(np.float32).max)
 _REMAP = "remap them to 0..C-1, e.g. labels = np.unique(labels, return_inverse=True)[1]"
+SplitSeed = Annotated[int, Interval(0, None)]
+ValFraction = Annotated[float, Interval(0, 1, closed="neither")]
 
 
 def _err(path: str, msg: str) -> ConfigError:
@@ -41,15 +44,16 @@ def _err(path: str, msg: str) -> ConfigError:
 
 
 def load_features(path: str | Path, modalities: list[str] | None = None, standardize: bool = True,
-                  split_seed: int = 0, val_fraction: float = 0.2, name: str | None = None) -> DataSplits:
+                  split_seed: SplitSeed = 0, val_fraction: ValFraction = 0.2, name: str | None = None) -> DataSplits:
     """Load and validate a features ``.npz`` file into :class:`DataSplits`.
 
-    path: the ``.npz`` file.
-    modalities: which modality arrays to use, in order (default: all).
-    standardize: standardise features with training-split statistics.
-    split_seed: seed of the stratified split drawn when the file has no ``split``.
-    val_fraction: fraction of train held out for validation when ``split`` has no ``val``.
-    name: the dataset's name in results (default: the file's stem).
+    Options:
+        path: the ``.npz`` file.
+        modalities: which modality arrays to use, in order (default: all).
+        standardize: standardise features with training-split statistics (default True).
+        split_seed: seed of the stratified split drawn when the file has no ``split`` (default 0).
+        val_fraction: fraction of train held out for validation when ``split`` has no ``val`` (default 0.2).
+        name: the dataset's name in results (default: the file's stem).
     """
     path = str(path)
     if not Path(path).is_file():
@@ -77,25 +81,18 @@ def load_features(path: str | Path, modalities: list[str] | None = None, standar
 
 
 def _check_options(path: str, modalities: Any, standardize: Any, split_seed: Any, val_fraction: Any,
-                   name: Any) -> list[str] | None:
-    if isinstance(modalities, str):
-        modalities = [m.strip() for m in modalities.split(",") if m.strip()]
-    if modalities is not None:
-        if not isinstance(modalities, (list, tuple)) or not all(isinstance(m, str) for m in modalities):
-            raise _err(path, f"option modalities must be a list of names, got {modalities!r}")
-        if len(set(modalities)) != len(modalities):
-            raise _err(path, f"option modalities names a modality twice: {list(modalities)}")
-        modalities = list(modalities)
-    if not isinstance(standardize, (bool, np.bool_)):
-        raise _err(path, f"option standardize takes true/false, got {standardize!r}")
-    if isinstance(split_seed, bool) or not isinstance(split_seed, (int, np.integer)) or split_seed < 0:
-        raise _err(path, f"option split_seed takes an integer >= 0, got {split_seed!r}")
-    if (isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float, np.floating))
-            or not 0.0 < float(val_fraction) < 1.0):
-        raise _err(path, f"option val_fraction takes a number in (0, 1), got {val_fraction!r}")
-    if name is not None and not isinstance(name, str):
-        raise _err(path, f"option name takes a string, got {name!r}")
-    return modalities or None
+                   name: Any) -> dict[str, Any]:
+    """The options of a direct :func:`features_from_arrays` call, coerced and checked against its
+    declared types and ranges (the config layer does the same for ``load_features``); one
+    ``ConfigError`` line naming ``path``."""
+    given = {"modalities": modalities, "standardize": standardize, "split_seed": split_seed,
+             "val_fraction": val_fraction, "name": name}
+    given = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in given.items()}
+    out = validate_options("dataset", path, features_from_arrays, given, skip=("data", "path"))
+    modalities = out["modalities"]
+    if modalities is not None and len(set(modalities)) != len(modalities):  # not expressible as a type
+        raise _err(path, f"option modalities names a modality twice: {list(modalities)}")
+    return {**out, "modalities": modalities or None}
 
 
 def _labels(data: Mapping[str, Any], path: str) -> np.ndarray:
@@ -219,7 +216,7 @@ def _modality(data: Mapping[str, Any], m: str, n: int, path: str) -> tuple[np.nd
 
 def features_from_arrays(data: Mapping[str, np.ndarray], path: str = "<arrays>",
                          modalities: Sequence[str] | None = None, standardize: bool = True,
-                         split_seed: int = 0, val_fraction: float = 0.2,
+                         split_seed: SplitSeed = 0, val_fraction: ValFraction = 0.2,
                          name: str | None = None) -> DataSplits:
     """Validate arrays in the features format and build :class:`DataSplits`.
 
@@ -229,7 +226,9 @@ def features_from_arrays(data: Mapping[str, np.ndarray], path: str = "<arrays>",
     path = str(path)
     if not isinstance(data, Mapping) or not all(isinstance(k, str) for k in data):
         raise _err(path, "must be a mapping of array names to arrays")
-    modalities = _check_options(path, modalities, standardize, split_seed, val_fraction, name)
+    opts = _check_options(path, modalities, standardize, split_seed, val_fraction, name)
+    modalities, standardize, split_seed, val_fraction, name = (
+        opts[k] for k in ("modalities", "standardize", "split_seed", "val_fraction", "name"))
     labels = _labels(data, path)
     n = len(labels)
     order = _modality_order(data, path)

@@ -15,15 +15,17 @@ imbalance: joint training leaves the fou encoder under-learned.
 from __future__ import annotations
 
 from importlib import resources
-from typing import Sequence
+from typing import get_args
 
 import numpy as np
 
+from ..options import Literal
 from . import register_dataset
 from .base import DataSplits
 from .features import features_from_arrays
 
-VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
+View = Literal["fou", "fac", "kar", "pix", "zer", "mor"]
+VIEWS: tuple[str, ...] = get_args(View)
 DEFAULT_VIEWS = ("pix", "fou")
 
 
@@ -32,8 +34,13 @@ def embedded_path() -> str:
 
 
 @register_dataset("uci_mfeat", summary="embedded UCI Multiple Features digits, 6 views (default: pix strong + fou weak)")
-def uci_mfeat(modalities: Sequence[str] | None = None, standardize: bool = True) -> DataSplits:
-    """Build the embedded dataset; ``modalities`` picks any views (default ``pix, fou``)."""
+def uci_mfeat(modalities: list[View] | None = None, standardize: bool = True) -> DataSplits:
+    """Build the embedded dataset; ``modalities`` picks any views (default ``pix, fou``).
+
+    Options:
+        modalities: the views to use, in order, any of fou, fac, kar, pix, zer, mor (default ``pix, fou``).
+        standardize: standardise each feature with training-split statistics (default True).
+    """
     with np.load(embedded_path(), allow_pickle=False) as npz:
         data = {k: npz[k] for k in npz.files}
     return features_from_arrays(data, "uci_mfeat", list(modalities or DEFAULT_VIEWS), standardize,

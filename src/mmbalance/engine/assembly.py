@@ -57,8 +57,6 @@ def check_config(cfg: RunConfig, world_size: int = 1) -> None:
         FUSIONS.get(cfg.model.fusion)  # the registry's one-line error with the valid names
     if cfg.model.encoder is not None and cfg.model.encoder not in list_encoders():
         raise ConfigError(f"unknown encoder '{cfg.model.encoder}'; valid encoders: {', '.join(list_encoders())}")
-    if cfg.model.absent_policy not in ("input", "feature"):
-        raise ConfigError(f"model.absent_policy must be 'input' or 'feature', got {cfg.model.absent_policy!r}")
     resolve_device(cfg.train.device)
 
 

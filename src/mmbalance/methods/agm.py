@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..evaluation.shapley import shapley_values, subset_members
+from ..options import Annotated, Interval, Literal
 from ..registry import ConfigError
 from ._grad import scale_grad
 from . import register_method
@@ -69,7 +70,7 @@ def agm_ratios(scores: Tensor) -> Tensor:
     r_a = exp(s_v - s_a)): the modality with the *lower* loss score has r > 1."""
     M = scores.numel()
     if M < 2:
-        raise ConfigError("agm needs at least two modalities")
+        raise ValueError("agm needs at least two modalities")
     return torch.exp(M / (M - 1) * (scores.mean() - scores))
 
 
@@ -123,9 +124,10 @@ class AGM(Method):
     Options:
         alpha: modulation strength (1.0, the official CLI default; a tunable, 0.1-2.5 in use).
         include_empty: keep f(empty) in the Shapley responses (False = official).
-        modulation_start / modulation_end: epoch window, inclusive; ``None`` end = until the end of
-            training (the official CLI window 0-20 with 10 epochs and BalanceBenchmark's 0-80 with
-            30 both cover the whole run).
+        modulation_start: first epoch of the modulation window (inclusive, counted from ``epoch_origin``).
+        modulation_end: last epoch of the window (inclusive); ``None`` = until the end of training
+            (the official CLI window 0-20 with 10 epochs and BalanceBenchmark's 0-80 with 30 both
+            cover the whole run).
         epoch_origin: the number the window gives the first epoch: 0 (default, the toolkit's
             0-based epochs, as every other method's window) or 1 (the official code,
             lihong2303/AGM_ICCV2023 ``run/CREMAD_main.py``, counts epochs from 1 and tests
@@ -135,7 +137,7 @@ class AGM(Method):
             (official: the backward hooks keep the last ``update_scale`` value) instead of
             k = 1 (default; a window that ends turns the modulation off). Before the window
             k = 1 either way (the official scales start at 1).
-        fusion_grad_clip: the conditional clip norm (1.0) or None.
+        fusion_grad_clip: the conditional clip norm (1.0, official) or None (off).
 
     Departure from the official code (by design): the subset logits reuse the train-mode
     features of the present modalities (the official padded passes re-run the encoders in eval
@@ -147,12 +149,12 @@ class AGM(Method):
     extra head evaluations per step (the official code: 4 full forwards, ~2.5-3x).
     """
 
-    def __init__(self, alpha: float = 1.0, include_empty: bool = False, modulation_start: int = 0,
-                 modulation_end: int | None = None, epoch_origin: int = 0, hold_after_window: bool = False,
-                 fusion_grad_clip: float | None = 1.0):
+    def __init__(self, alpha: Annotated[float, Interval(0, None)] = 1.0, include_empty: bool = False,
+                 modulation_start: Annotated[int, Interval(0, None)] = 0,
+                 modulation_end: Annotated[int, Interval(0, None)] | None = None,
+                 epoch_origin: Literal[0, 1] = 0, hold_after_window: bool = False,
+                 fusion_grad_clip: Annotated[float, Interval(0, None, closed="neither")] | None = 1.0):
         super().__init__()
-        if int(epoch_origin) not in (0, 1):
-            raise ConfigError(f"agm option epoch_origin must be 0 or 1, got {epoch_origin}")
         self.alpha = float(alpha)
         self.include_empty = bool(include_empty)
         self.modulation_start = int(modulation_start)

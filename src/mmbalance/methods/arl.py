@@ -8,18 +8,20 @@ The rule is :func:`arl_coefficients` (pure); :class:`ARL` only wires it into a t
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..registry import ConfigError
+from ..options import Annotated, Interval, Literal
 from . import register_method
 from .base import Method, build_standard_model, masked_cross_entropy
 
-ESTIMATORS = ("entropy", "variance")
-SCORES = ("product", "ratio")
+Estimator = Literal["entropy", "variance"]
+Score = Literal["product", "ratio"]
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
+SCORES: tuple[str, ...] = get_args(Score)
 
 
 def default_floor(num_modalities: int) -> float:
@@ -83,8 +85,8 @@ def arl_scores(c: Tensor, w: Tensor, score: str = "product") -> Tensor:
     ``ratio``: the literal ``r_m = w_m / c_m`` (unbounded: saturates to a one-hot k as a share
     ``c_m`` approaches 0).
     """
-    if score not in SCORES:
-        raise ConfigError(f"arl: unknown score '{score}'; valid: {', '.join(SCORES)}")
+    if score not in SCORES:  # a direct call (the method's option is validated by the config layer)
+        raise ValueError(f"arl: unknown score '{score}'; valid: {', '.join(SCORES)}")
     M = c.shape[0]
     if score == "ratio":
         return w / c.clamp_min(1e-12)
@@ -111,10 +113,10 @@ def arl_coefficients_from_statistics(stats: Tensor, T: float = 8.0, estimator: s
     rule runs over the others (M = their number). With fewer than two present modalities there
     is nothing to balance and every ``k_m`` is 0 (gradient multiplier 1).
     """
-    if estimator not in ESTIMATORS:
-        raise ConfigError(f"arl: unknown estimator '{estimator}'; valid: {', '.join(ESTIMATORS)}")
+    if estimator not in ESTIMATORS:  # a direct call (the method's option is validated by the config layer)
+        raise ValueError(f"arl: unknown estimator '{estimator}'; valid: {', '.join(ESTIMATORS)}")
     if score not in SCORES:
-        raise ConfigError(f"arl: unknown score '{score}'; valid: {', '.join(SCORES)}")
+        raise ValueError(f"arl: unknown score '{score}'; valid: {', '.join(SCORES)}")
     stats = stats.detach().double()
     if stats.dim() != 2 or stats.shape[1] != len(STAT_COLUMNS):
         raise ValueError(f"expected (M, {len(STAT_COLUMNS)}) statistics from arl_batch_statistics, "
@@ -246,23 +248,14 @@ class ARL(Method):
     Cost: ~1.0x joint training (the statistics are scalars per modality).
     """
 
-    def __init__(self, T: float = 8.0, gamma: float = 4.0, warmup_epochs: int = 5, estimator: str = "entropy",
-                 floor: float | None = None, score: str = "product", grad_clip: float | None = 40.0):
+    def __init__(self, T: Annotated[float, Interval(0, None, closed="neither")] = 8.0,
+                 gamma: Annotated[float, Interval(0, None)] = 4.0,
+                 warmup_epochs: Annotated[int, Interval(0, None)] = 5,
+                 estimator: Estimator = "entropy",
+                 floor: Annotated[float, Interval(0, 1, closed="left")] | None = None,
+                 score: Score = "product",
+                 grad_clip: Annotated[float, Interval(0, None)] | None = 40.0):
         super().__init__()
-        if estimator not in ESTIMATORS:
-            raise ConfigError(f"arl: unknown estimator '{estimator}'; valid: {', '.join(ESTIMATORS)}")
-        if score not in SCORES:
-            raise ConfigError(f"arl: unknown score '{score}'; valid: {', '.join(SCORES)}")
-        if floor is not None and not 0.0 <= float(floor) < 1.0:
-            raise ConfigError(f"arl: floor must be in [0, 1), got {floor}")
-        if int(warmup_epochs) < 0:
-            raise ConfigError(f"arl: warmup_epochs must be >= 0, got {warmup_epochs}")
-        if float(T) < 0:
-            raise ConfigError(f"arl: T must be >= 0, got {T}")
-        if float(gamma) < 0:
-            raise ConfigError(f"arl: gamma must be >= 0, got {gamma}")
-        if grad_clip is not None and float(grad_clip) < 0:
-            raise ConfigError(f"arl: grad_clip must be > 0 (or 0/null = off), got {grad_clip}")
         self.T = float(T)
         self.gamma = float(gamma)
         self.warmup_epochs = int(warmup_epochs)

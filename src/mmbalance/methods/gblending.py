@@ -7,7 +7,7 @@ trade-off measured on a held-out part of the *training* split (never val or test
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -16,13 +16,16 @@ from torch.utils.data import Dataset, Subset
 
 from ..data.base import labels_of, stratified_split
 from ..models import Fusion, MultimodalModel
+from ..options import Annotated, Interval, Literal
 from ..registry import ConfigError
 from . import register_method
 from ..utils import epoch_seed, to_device
 from .base import Method, ModelSpec, build_standard_model
 
 FUSED = "fused"
-HEADS = ("separate", "fusion")
+Heads = Literal["separate", "fusion"]
+NegativeGain = Literal["zero", "abs"]
+HEADS: tuple[str, ...] = get_args(Heads)
 
 
 def gblending_weights(train_losses_before: Sequence[float] | Tensor, train_losses_after: Sequence[float] | Tensor,
@@ -43,8 +46,8 @@ def gblending_weights(train_losses_before: Sequence[float] | Tensor, train_losse
     >>> [round(x, 4) for x in w.tolist()]
     [0.0476, 0.9524]
     """
-    if negative_gain not in ("zero", "abs"):
-        raise ConfigError(f"gblending option negative_gain must be 'zero' or 'abs', got {negative_gain!r}")
+    if negative_gain not in get_args(NegativeGain):  # a direct call (the option is validated by the config layer)
+        raise ValueError(f"gblending: negative_gain must be 'zero' or 'abs', got {negative_gain!r}")
     t0, t1, v0, v1 = (torch.as_tensor(x, dtype=torch.float64) for x in
                       (train_losses_before, train_losses_after, val_losses_before, val_losses_after))
     gain = v0 - v1
@@ -59,8 +62,8 @@ def gblending_weights(train_losses_before: Sequence[float] | Tensor, train_losse
 
 def holdout_split(labels: Tensor | Sequence[int], fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """Seeded stratified split of training positions into (train part, held-out part)."""
-    if not 0.0 < fraction < 1.0:
-        raise ConfigError(f"gblending option holdout_fraction must be in (0, 1), got {fraction}")
+    if not 0.0 < fraction < 1.0:  # a direct call (the option is validated by the config layer)
+        raise ValueError(f"gblending: holdout_fraction must be in (0, 1), got {fraction}")
     import numpy as np
 
     tr, ho = stratified_split(np.asarray(labels), [1.0 - fraction, fraction], seed)
@@ -151,22 +154,15 @@ class GBlending(Method):
     every ``super_epoch`` epochs (about (M + 1) * n / super_epoch times joint training).
     """
 
-    def __init__(self, mode: str = "offline", estimate_epochs: int = 5, super_epoch: int = 10,
-                 holdout_fraction: float = 0.2, holdout_seed: int | None = None, eps: float = 1e-6,
-                 negative_gain: str = "zero", train_on_holdout: bool | None = None,
-                 unimodal_heads: str = "separate"):
+    def __init__(self, mode: Literal["offline", "online"] = "offline",
+                 estimate_epochs: Annotated[int, Interval(1, None)] = 5,
+                 super_epoch: Annotated[int, Interval(1, None)] = 10,
+                 holdout_fraction: Annotated[float, Interval(0, 1, closed="neither")] = 0.2,
+                 holdout_seed: Annotated[int, Interval(0, None)] | None = None,
+                 eps: Annotated[float, Interval(0, None)] = 1e-6,
+                 negative_gain: NegativeGain = "zero", train_on_holdout: bool | None = None,
+                 unimodal_heads: Heads = "separate"):
         super().__init__()
-        if mode not in ("offline", "online"):
-            raise ConfigError(f"gblending option mode must be 'offline' or 'online', got {mode!r}")
-        if negative_gain not in ("zero", "abs"):
-            raise ConfigError(f"gblending option negative_gain must be 'zero' or 'abs', got {negative_gain!r}")
-        if unimodal_heads not in HEADS:
-            raise ConfigError(f"gblending option unimodal_heads must be 'separate' or 'fusion', "
-                              f"got {unimodal_heads!r}")
-        if int(estimate_epochs) < 1 or int(super_epoch) < 1:
-            raise ConfigError("gblending options estimate_epochs and super_epoch must be >= 1")
-        if not 0.0 < float(holdout_fraction) < 1.0:
-            raise ConfigError(f"gblending option holdout_fraction must be in (0, 1), got {holdout_fraction}")
         self.mode = mode
         self.estimate_epochs = int(estimate_epochs)
         self.super_epoch = int(super_epoch)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +18,15 @@ from torch import Tensor, nn
 
 from ..models import MultimodalModel, create_fusion
 from ..models.encoders import MLPEncoder
+from ..options import Annotated, Interval, Literal
 from ..registry import ConfigError
 from . import register_method
 from .base import Method, ModelSpec
 
 log = logging.getLogger("mmbalance")
 
-EXCITATIONS = ("sigmoid", "2sigmoid")
+Excitation = Literal["sigmoid", "2sigmoid"]
+EXCITATIONS: tuple[str, ...] = get_args(Excitation)
 
 
 # ---------------------------------------------------------------------------------- MMTM
@@ -41,8 +43,8 @@ class MMTM(nn.Module):
 
     def __init__(self, dim_a: int, dim_b: int, reduction: float = 4, excitation: str = "2sigmoid"):
         super().__init__()
-        if excitation not in EXCITATIONS:
-            raise ConfigError(f"greedy option excitation must be one of {', '.join(EXCITATIONS)}, got {excitation!r}")
+        if excitation not in EXCITATIONS:  # a direct call (the method's option is validated by the config layer)
+            raise ValueError(f"MMTM excitation must be one of {', '.join(EXCITATIONS)}, got {excitation!r}")
         hidden = max(1, int(2 * (dim_a + dim_b) / reduction))
         self.excitation = excitation
         self.fc_squeeze = nn.Linear(dim_a + dim_b, hidden)
@@ -349,21 +351,13 @@ class Greedy(Method):
 
     required_fusion = "late"
 
-    def __init__(self, epsilon: float = 0.01, window: int = 5, start_epoch: int = 1,
-                 mmtm_stages: list[str] | None = None, reduction: float = 4, excitation: str = "2sigmoid"):
+    def __init__(self, epsilon: Annotated[float, Interval(0, None)] = 0.01,
+                 window: Annotated[int, Interval(1, None)] = 5,
+                 start_epoch: Annotated[int, Interval(0, None)] = 1,
+                 mmtm_stages: list[str] | None = None,
+                 reduction: Annotated[float, Interval(0, None, closed="neither")] = 4,
+                 excitation: Excitation = "2sigmoid"):
         super().__init__()
-        if excitation not in EXCITATIONS:
-            raise ConfigError(f"greedy option excitation must be one of {', '.join(EXCITATIONS)}, got {excitation!r}")
-        if int(window) < 1:
-            raise ConfigError(f"greedy option window must be >= 1, got {window}")
-        if int(start_epoch) < 0:
-            raise ConfigError(f"greedy option start_epoch must be >= 0 (0-based epoch), got {start_epoch}")
-        if not float(epsilon) >= 0:
-            raise ConfigError(f"greedy option epsilon must be >= 0, got {epsilon}")
-        if not float(reduction) > 0:
-            raise ConfigError(f"greedy option reduction must be > 0, got {reduction}")
-        if isinstance(mmtm_stages, str):
-            mmtm_stages = [s.strip() for s in mmtm_stages.split(",") if s.strip()]
         self.epsilon = float(epsilon)
         self.window = int(window)
         self.start_epoch = int(start_epoch)

@@ -1,6 +1,7 @@
 """Joint training: cross-entropy of the fused logits, any fusion (the standard baseline)."""
 from __future__ import annotations
 
+from ..options import Annotated, Interval
 from . import register_method
 from .base import Method
 
@@ -14,7 +15,7 @@ class Joint(Method):
             each term the mean over the samples where modality m is present.
     """
 
-    def __init__(self, unimodal_weight: float = 0.0):
+    def __init__(self, unimodal_weight: Annotated[float, Interval(0, None)] = 0.0):
         super().__init__()
         self.unimodal_weight = float(unimodal_weight)
 

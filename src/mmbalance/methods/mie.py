@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..models import MultimodalModel, Output
 from ..models.fusions import Fusion
+from ..options import Annotated, Interval, Literal
 from ..registry import ConfigError
 from .mla import eval_mode, mla_fuse, mla_fusion_weights, present_rows, unimodal_forward_mode
 from . import register_method
@@ -29,9 +30,13 @@ from .base import Method, ModelSpec
 
 log = logging.getLogger("mmbalance")
 
-FUSION_RULES = ("average", "entropy")
-VARIANTS = ("paper", "official")
-SCHEDULES = ("batch", "epochs", "steps")
+FusionRule = Literal["average", "entropy"]
+Variant = Literal["paper", "official"]
+Schedule = Literal["batch", "epochs", "steps"]
+FUSION_RULES: tuple[str, ...] = get_args(FusionRule)
+VARIANTS: tuple[str, ...] = get_args(Variant)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+PositiveInt = Annotated[int, Interval(1, None)]
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -368,49 +373,26 @@ class MIE(Method):
     training set and small SVDs per epoch (``batch``) or per stage.
     """
 
-    def __init__(self, sam: bool = True, rho: float = 1e-10, gm: bool = True, tau: float = 0.4,
-                 cov_batch_size: int = 12, gm_scope: Literal["head"] | float = "head",
-                 schedule: Literal["batch", "epochs", "steps"] = "batch",
-                 stage_epochs: int | list[int] = 1, inner_steps: int | None = None, reset_optimizer: bool = False,
-                 fusion: str = "average", variant: str = "paper", mixup_alpha: float = 1.0,
-                 clean_weight: float = 0.3):
+    def __init__(self, sam: bool = True, rho: Annotated[float, Interval(0, None)] = 1e-10, gm: bool = True,
+                 tau: Annotated[float, Interval(0, None)] = 0.4, cov_batch_size: PositiveInt = 12,
+                 gm_scope: Literal["head"] | Annotated[float, Interval(0, 1, closed="right")] = "head",
+                 schedule: Schedule = "batch",
+                 stage_epochs: PositiveInt | list[PositiveInt] = 1, inner_steps: PositiveInt | None = None,
+                 reset_optimizer: bool = False, fusion: FusionRule = "average", variant: Variant = "paper",
+                 mixup_alpha: Annotated[float, Interval(0, None, closed="neither")] = 1.0,
+                 clean_weight: Annotated[float, Interval(0, 1)] = 0.3):
         super().__init__()
-        for key, val in (("sam", sam), ("gm", gm), ("reset_optimizer", reset_optimizer)):
-            if not isinstance(val, bool):
-                raise ConfigError(f"mie option {key} takes true/false, got {val!r}")
-        if not isinstance(rho, (int, float)) or isinstance(rho, bool) or rho < 0:
-            raise ConfigError(f"mie option rho must be a number >= 0, got {rho!r}")
-        if not isinstance(tau, (int, float)) or isinstance(tau, bool) or tau < 0:
-            raise ConfigError(f"mie option tau must be a number >= 0, got {tau!r}")
-        if not _is_pos_int(cov_batch_size):
-            raise ConfigError(f"mie option cov_batch_size must be an integer >= 1, got {cov_batch_size!r}")
-        if gm_scope != "head" and not (isinstance(gm_scope, (int, float)) and not isinstance(gm_scope, bool)
-                                        and 0 < gm_scope <= 1):
-            raise ConfigError(f"mie option gm_scope must be 'head' or a fraction in (0, 1], got {gm_scope!r}")
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"mie option schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-        lst = stage_epochs if isinstance(stage_epochs, (list, tuple)) else [stage_epochs]
-        if not lst or not all(_is_pos_int(s) for s in lst):
-            raise ConfigError(f"mie option stage_epochs must be an integer >= 1 or a list of them, got {stage_epochs!r}")
+        if isinstance(stage_epochs, (list, tuple)) and not stage_epochs:
+            raise ConfigError("mie option stage_epochs takes an integer >= 1 or a non-empty list of them, got []")
         if stage_epochs != 1 and schedule != "epochs":
             raise ConfigError(f"mie: stage_epochs applies to schedule=epochs (got schedule={schedule}); "
                               "add --method.schedule epochs")
-        if inner_steps is not None and not _is_pos_int(inner_steps):
-            raise ConfigError(f"mie option inner_steps must be an integer >= 1, got {inner_steps!r}")
         if (inner_steps is None) != (schedule != "steps"):
             raise ConfigError("mie: inner_steps (mini-batches per stage) goes with schedule=steps, and "
                               "schedule=steps needs inner_steps")
         if reset_optimizer and schedule == "batch":
             raise ConfigError("mie: reset_optimizer needs stages (schedule epochs or steps); with schedule=batch "
                               "it would reset the optimizer at every step")
-        if fusion not in FUSION_RULES:
-            raise ConfigError(f"mie option fusion must be one of {', '.join(FUSION_RULES)}, got {fusion!r}")
-        if variant not in VARIANTS:
-            raise ConfigError(f"mie option variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-        if not isinstance(mixup_alpha, (int, float)) or mixup_alpha <= 0:
-            raise ConfigError(f"mie option mixup_alpha must be > 0, got {mixup_alpha!r}")
-        if not isinstance(clean_weight, (int, float)) or not 0 <= clean_weight <= 1:
-            raise ConfigError(f"mie option clean_weight must be in [0, 1], got {clean_weight!r}")
         self.sam = sam
         self.rho = float(rho)
         self.gm = gm
@@ -704,6 +686,3 @@ class MIE(Method):
         self._steps_in_stage = int(state["steps_in_stage"])
         self._pending = state.get("pending")
 
-
-def _is_pos_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1

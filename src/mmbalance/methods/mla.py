@@ -13,23 +13,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Iterator, Literal, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import Output
+from ..options import Annotated, Interval, Literal
 from ..registry import ConfigError
 from . import register_method
 from .base import Method, build_standard_model
 
 log = logging.getLogger("mmbalance")
 
-SCHEDULES = ("alternate", "all")
-UPDATE_ORDERS = ("before", "after")
-ALPHA_SCHEDULES = ("constant", "official")
-FUSION_RULES = ("entropy", "mean", "fixed")
+Schedule = Literal["all", "alternate"]
+UpdateOrder = Literal["before", "after"]
+AlphaSchedule = Literal["constant", "official"]
+FusionRule = Literal["entropy", "mean", "fixed"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+UPDATE_ORDERS: tuple[str, ...] = get_args(UpdateOrder)
+ALPHA_SCHEDULES: tuple[str, ...] = get_args(AlphaSchedule)
+FUSION_RULES: tuple[str, ...] = get_args(FusionRule)
 
 
 def owm_update(P: Tensor, x: Tensor, alpha: float, normalize: bool = False) -> Tensor:
@@ -62,7 +67,7 @@ def mla_alpha(alpha: float, schedule: str = "constant", batch_idx: int = 0, batc
         return float(alpha)
     if schedule == "official":
         return float(alpha) * 0.1 ** (batch_idx / max(int(batches_per_epoch), 1))
-    raise ConfigError(f"mla: unknown alpha_schedule '{schedule}'; valid: {', '.join(ALPHA_SCHEDULES)}")
+    raise ValueError(f"mla: unknown alpha_schedule '{schedule}'; valid: {', '.join(ALPHA_SCHEDULES)}")
 
 
 def mla_fusion_weights(unimodal_logits: Sequence[Tensor], rule: str = "entropy",
@@ -85,13 +90,13 @@ def mla_fusion_weights(unimodal_logits: Sequence[Tensor], rule: str = "entropy",
         scores = Z.new_zeros(B, M)
     elif rule == "fixed":
         if fixed_weights is None or len(fixed_weights) != M:
-            raise ConfigError(f"mla: fusion 'fixed' needs fixed_weights with one weight per modality ({M})")
+            raise ValueError(f"mla: fusion 'fixed' needs fixed_weights with one weight per modality ({M})")
         fw = torch.as_tensor(list(fixed_weights), dtype=Z.dtype, device=Z.device)
         if bool((fw < 0).any()) or float(fw.sum()) <= 0:
-            raise ConfigError("mla: fixed_weights must be non-negative with a positive sum")
+            raise ValueError("mla: fixed_weights must be non-negative with a positive sum")
         scores = fw.clamp_min(1e-30).log().expand(B, M)
     else:
-        raise ConfigError(f"mla: unknown fusion '{rule}'; valid: {', '.join(FUSION_RULES)}")
+        raise ValueError(f"mla: unknown fusion '{rule}'; valid: {', '.join(FUSION_RULES)}")
     if present is not None:
         pres = torch.stack([p.to(Z.device).bool() for p in present], dim=1)
         pres = pres | ~pres.any(1, keepdim=True)  # a sample with nothing present: use all
@@ -227,18 +232,16 @@ class MLA(Method):
 
     required_fusion = "shared_head"
 
-    def __init__(self, schedule: Literal["all", "alternate"] = "all", update_order: str = "before", project_first_step: bool = False,
-                 alpha: float = 0.1, alpha_schedule: str = "constant", normalize_P: bool = False,
-                 gradient_modification: bool = True, fusion: str = "entropy", fixed_weights: list[float] | None = None):
+    def __init__(self, schedule: Schedule = "all", update_order: UpdateOrder = "before",
+                 project_first_step: bool = False, alpha: Annotated[float, Interval(0, None, closed="neither")] = 0.1,
+                 alpha_schedule: AlphaSchedule = "constant", normalize_P: bool = False,
+                 gradient_modification: bool = True, fusion: FusionRule = "entropy",
+                 fixed_weights: list[Annotated[float, Interval(0, None)]] | None = None):
         super().__init__()
-        for opt, value, valid in (("schedule", schedule, SCHEDULES), ("update_order", update_order, UPDATE_ORDERS),
-                                  ("alpha_schedule", alpha_schedule, ALPHA_SCHEDULES), ("fusion", fusion, FUSION_RULES)):
-            if value not in valid:
-                raise ConfigError(f"mla: unknown {opt} '{value}'; valid: {', '.join(valid)}")
-        if float(alpha) <= 0:
-            raise ConfigError(f"mla: alpha must be > 0, got {alpha}")
         if fusion == "fixed" and not fixed_weights:
             raise ConfigError("mla: fusion 'fixed' needs fixed_weights, e.g. --method.fixed_weights [0.55,0.45]")
+        if fixed_weights is not None and not sum(float(w) for w in fixed_weights) > 0:
+            raise ConfigError(f"mla option fixed_weights needs a positive sum, got {list(fixed_weights)}")
         self.schedule = schedule
         self.update_order = update_order
         self.project_first_step = bool(project_first_step)

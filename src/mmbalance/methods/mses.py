@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, get_args
 
 import torch
 import torch.nn.functional as F
 
-from ..registry import ConfigError
+from ..options import Annotated, Interval, Literal
 from . import register_method
 from .base import Method
 
-ROLLBACKS = ("none", "encoder", "model")
+Rollback = Literal["none", "encoder", "model"]
+ROLLBACKS: tuple[str, ...] = get_args(Rollback)
 
 
 def mses_update(best: float, bad_epochs: int, loss: float, patience: int, min_delta: float = 0.0
@@ -90,17 +91,11 @@ class MSES(Method):
     Note for DDP: parameters frozen mid-run need ``find_unused_parameters``.
     """
 
-    def __init__(self, patience: int = 5, min_delta: float = 0.0, loss_smoothing: float = 0.0,
-                 rollback: str = "none"):
+    def __init__(self, patience: Annotated[int, Interval(1, None)] = 5,
+                 min_delta: Annotated[float, Interval(0, None)] = 0.0,
+                 loss_smoothing: Annotated[float, Interval(0, 1, closed="left")] = 0.0,
+                 rollback: Rollback = "none"):
         super().__init__()
-        if int(patience) < 1:
-            raise ConfigError(f"mses option patience must be >= 1, got {patience}")
-        if float(min_delta) < 0:
-            raise ConfigError(f"mses option min_delta must be >= 0, got {min_delta}")
-        if not 0.0 <= float(loss_smoothing) < 1.0:
-            raise ConfigError(f"mses option loss_smoothing must be in [0, 1), got {loss_smoothing}")
-        if rollback not in ROLLBACKS:
-            raise ConfigError(f"mses option rollback must be one of {', '.join(ROLLBACKS)}, got {rollback!r}")
         self.patience = int(patience)
         self.min_delta = float(min_delta)
         self.loss_smoothing = float(loss_smoothing)

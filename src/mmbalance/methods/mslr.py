@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, get_args
 
 import torch
 from torch import nn
 
+from ..options import Annotated, Interval, Literal
 from ..registry import ConfigError
 from . import register_method
 from .base import Method
 
-STRATEGIES = ("keep", "smooth", "dynamic")
+Strategy = Literal["keep", "smooth", "dynamic"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+PositiveRate = Annotated[float, Interval(0, None, closed="neither")]
 
 
 def modality_parameters(model, m: str) -> list[nn.Parameter]:
@@ -43,10 +46,10 @@ def parse_rates(rates: Any, modalities: Sequence[str], method: str = "mslr") -> 
             raise ConfigError(f"{method} option rates has {len(rates)} values for {len(modalities)} modalities "
                               f"({', '.join(modalities)}); give one per modality or a dict by name")
         out = {m: float(r) for m, r in zip(modalities, rates)}
-    else:
-        raise ConfigError(f"{method} option rates must be a number, a list or a dict by modality, got {rates!r}")
+    else:  # a direct call (the option is typed and coerced by the config layer)
+        raise ValueError(f"{method} option rates must be a number, a list or a dict by modality, got {rates!r}")
     bad = {m: r for m, r in out.items() if not r > 0}
-    if bad:
+    if bad:  # the values of a mapping are not range-checked by the config layer
         raise ConfigError(f"{method} option rates must be > 0, got {bad}")
     return out
 
@@ -149,8 +152,9 @@ class MSLR(Method):
             optimizers (Adam, AdaGrad) largely cancel a gradient scale, and SGD weight decay is
             added unscaled) or ``update`` (scale the optimizer's update of those parameters
             instead: exactly ``lr * c_m`` for every optimizer, weight decay included).
-        modulation_start, modulation_end: the 0-based epochs (inclusive; end None = the last)
-            in which the multipliers act; outside them every ``c_m`` is 1 (plain joint training).
+        modulation_start: first 0-based epoch (inclusive) in which the multipliers act (default 0).
+        modulation_end: last 0-based epoch (inclusive; None = the last) in which they act; outside
+            ``[modulation_start, modulation_end]`` every ``c_m`` is 1 (plain joint training).
             Default: all epochs (the paper). The AGM repository applies its rates only inside
             such a window (``run/CREMAD_main.py``: ``modulation_starts <= epoch <=
             modulation_ends``, 1-based epochs, defaults 0 and 20 in ``utils/config.py``, i.e.
@@ -169,23 +173,16 @@ class MSLR(Method):
     ``dynamic``).
     """
 
-    def __init__(self, strategy: str = "dynamic", rates: Any = None, window: int = 5, apply: str = "grad",
-                 modulation_start: int = 0, modulation_end: int | None = None,
+    def __init__(self, strategy: Strategy = "dynamic",
+                 rates: PositiveRate | list[PositiveRate] | dict[str, float] | None = None,
+                 window: Annotated[int, Interval(1, None)] = 5, apply: Literal["grad", "update"] = "grad",
+                 modulation_start: Annotated[int, Interval(0, None)] = 0,
+                 modulation_end: Annotated[int, Interval(0, None)] | None = None,
                  init_from: dict[str, str] | None = None):
         super().__init__()
-        if strategy not in STRATEGIES:
-            raise ConfigError(f"mslr option strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-        if apply not in ("grad", "update"):
-            raise ConfigError(f"mslr option apply must be 'grad' or 'update', got {apply!r}")
-        if int(window) < 1:
-            raise ConfigError(f"mslr option window must be >= 1, got {window}")
-        if int(modulation_start) < 0:
-            raise ConfigError(f"mslr option modulation_start must be >= 0 (0-based epoch), got {modulation_start}")
         if modulation_end is not None and int(modulation_end) < int(modulation_start):
             raise ConfigError(f"mslr option modulation_end ({modulation_end}) must be >= modulation_start "
                               f"({modulation_start}), or None for the last epoch")
-        if init_from is not None and not isinstance(init_from, Mapping):
-            raise ConfigError(f"mslr option init_from must map modality names to unimodal run folders, got {init_from!r}")
         self.strategy = strategy
         self.modulation_start = int(modulation_start)
         self.modulation_end = None if modulation_end is None else int(modulation_end)

@@ -5,16 +5,18 @@ class only wires them into a training step.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, get_args
 
 import torch
 from torch import Tensor, nn
 
+from ..options import Annotated, Interval, Literal
 from ..registry import ConfigError
 from . import register_method
 from .base import Method
 
-SCOPES = ("conv_linear_weights", "all")
+Scope = Literal["conv_linear_weights", "all"]
+SCOPES: tuple[str, ...] = get_args(Scope)
 
 
 def ogm_scores(unimodal_logits: Sequence[Tensor], labels: Tensor) -> Tensor:
@@ -43,7 +45,7 @@ def ogm_coefficients(scores: Tensor, alpha: float, ratio_offset: bool = False,
     s = scores.detach().double()
     M = s.numel()
     if M < 2:
-        raise ConfigError("ogm_ge needs at least two modalities")
+        raise ValueError("ogm_ge needs at least two modalities")
     others = (s.sum() - s) / (M - 1)
     rho = s / others.clamp_min(eps)
     arg = rho - 1.0 if ratio_offset else rho
@@ -58,8 +60,8 @@ def select_parameters(module: nn.Module, scope: str) -> list[nn.Parameter]:
     norm parameters excluded) — the official code scales 4-D conv weights, which for MLP
     encoders means their Linear weights. ``all``: every parameter.
     """
-    if scope not in SCOPES:
-        raise ConfigError(f"ogm_ge: unknown scope '{scope}'; valid: {', '.join(SCOPES)}")
+    if scope not in SCOPES:  # a direct call (the method's option is validated by the config layer)
+        raise ValueError(f"ogm_ge: unknown scope '{scope}'; valid: {', '.join(SCOPES)}")
     return [p for p in module.parameters() if scope == "all" or p.dim() >= 2]
 
 
@@ -104,7 +106,8 @@ class OGMGE(Method):
         ratio_offset: use ``1 - tanh(alpha * (rho - 1))`` (smooth at rho = 1) instead of the
             official ``1 - tanh(alpha * rho)`` (jumps from 1 to ``1 - tanh(alpha)`` at rho = 1).
         ge: add the Gaussian generalisation-enhancement noise (True = OGM-GE; False = OGM).
-        modulation_start / modulation_end: the epoch window, inclusive (0, 50).
+        modulation_start: first epoch of the modulation window (0-based, inclusive; default 0).
+        modulation_end: last epoch of the window (inclusive; default 50).
         scope: ``conv_linear_weights`` (official: weights with dim >= 2 — conv kernels, and the
             Linear weights of MLP encoders) or ``all`` (every encoder parameter).
 
@@ -118,11 +121,11 @@ class OGMGE(Method):
     ``score_<m>`` (batch-mean true-class probability). Cost: ~1.0x joint training.
     """
 
-    def __init__(self, alpha: float = 0.8, ratio_offset: bool = False, ge: bool = True,
-                 modulation_start: int = 0, modulation_end: int = 50, scope: str = "conv_linear_weights"):
+    def __init__(self, alpha: Annotated[float, Interval(0, None)] = 0.8, ratio_offset: bool = False, ge: bool = True,
+                 modulation_start: Annotated[int, Interval(0, None)] = 0,
+                 modulation_end: Annotated[int, Interval(0, None)] = 50,
+                 scope: Scope = "conv_linear_weights"):
         super().__init__()
-        if scope not in SCOPES:
-            raise ConfigError(f"ogm_ge: unknown scope '{scope}'; valid: {', '.join(SCOPES)}")
         self.alpha = float(alpha)
         self.ratio_offset = bool(ratio_offset)
         self.ge = bool(ge)

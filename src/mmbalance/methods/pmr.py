@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import Subset
 
 from ..utils import epoch_seed, to_device
+from ..options import Annotated, Interval
 from ..registry import ConfigError
 from . import register_method
 from .base import Method
@@ -126,7 +127,8 @@ class PMR(Method):
         mu: prototype EMA momentum (0.0 = recompute each epoch, the CREMA-D ``bash.sh`` value;
             the argparse default is 0.2).
         proto_fraction: fraction of training batches for the prototype pass (0.1).
-        modulation_start / modulation_end: the epoch window, inclusive (0, 70: ``bash.sh``).
+        modulation_start: first epoch of the PCE window (0-based, inclusive; default 0, ``bash.sh``).
+        modulation_end: last epoch of the window (inclusive; default 70, ``bash.sh``).
 
     Not included: the paper's prototype-entropy regulariser and imbalance-scaled PCE weight
     (absent from the public script and BalanceBenchmark). Decision: classes missing from the
@@ -137,13 +139,11 @@ class PMR(Method):
     accuracy on the training batches), ``pce_<m>``. Cost: ~1.1x joint (the prototype pass).
     """
 
-    def __init__(self, alpha: float = 2.0, mu: float = 0.0, proto_fraction: float = 0.1,
-                 modulation_start: int = 0, modulation_end: int = 70):
+    def __init__(self, alpha: Annotated[float, Interval(0, None)] = 2.0, mu: Annotated[float, Interval(0, 1)] = 0.0,
+                 proto_fraction: Annotated[float, Interval(0, 1, closed="right")] = 0.1,
+                 modulation_start: Annotated[int, Interval(0, None)] = 0,
+                 modulation_end: Annotated[int, Interval(0, None)] = 70):
         super().__init__()
-        if not 0.0 <= mu <= 1.0:
-            raise ConfigError("pmr: mu must be in [0, 1]")
-        if not 0.0 < proto_fraction <= 1.0:
-            raise ConfigError("pmr: proto_fraction must be in (0, 1]")
         self.alpha = float(alpha)
         self.mu = float(mu)
         self.proto_fraction = float(proto_fraction)

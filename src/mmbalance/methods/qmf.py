@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models import Output
+from ..options import Annotated, Interval
 from ..registry import ConfigError
 from . import register_method
 from .base import Method, build_standard_model
@@ -193,10 +194,9 @@ class QMF(Method):
     modalities). Cost: ~1.0x joint training plus an O(N) history.
     """
 
-    def __init__(self, temperature: float = 10.0, lambda_rank: float = 0.1, detach_weights: bool = False):
+    def __init__(self, temperature: Annotated[float, Interval(0, None, closed="neither")] = 10.0,
+                 lambda_rank: Annotated[float, Interval(0, None)] = 0.1, detach_weights: bool = False):
         super().__init__()
-        if temperature <= 0:
-            raise ConfigError("qmf: temperature must be > 0")
         self.temperature = float(temperature)
         self.lambda_rank = float(lambda_rank)
         self.detach_weights = bool(detach_weights)

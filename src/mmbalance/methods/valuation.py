@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, get_args
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,8 @@ from torch.utils.data import Dataset, Subset
 
 from ..utils import epoch_seed
 from ..evaluation.contribution import modality_contributions
-from ..models.model import ABSENT_POLICIES, Output
+from ..models.model import AbsentPolicy, Output
+from ..options import Annotated, Interval, Literal
 from ..registry import ConfigError
 from . import register_method
 from .joint import Joint
@@ -51,6 +52,8 @@ RESAMPLE_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "square": lambda x: _round_half_up(x * x),
     "official": _official_steps,
 }
+#: the names of :data:`RESAMPLE_FUNCTIONS` (the ``f_s`` option's choices)
+ResampleFunction = Literal["double", "identity", "square", "official"]
 
 
 def resample_counts(phi: Tensor, f_s: str = "double") -> Tensor:
@@ -63,8 +66,8 @@ def resample_counts(phi: Tensor, f_s: str = "double") -> Tensor:
     >>> resample_counts(torch.tensor([-0.5, 0.0, 0.5, 1.0, 1.5])).tolist()
     [3, 2, 1, 0, 0]
     """
-    if f_s not in RESAMPLE_FUNCTIONS:
-        raise ConfigError(f"unknown f_s '{f_s}'; valid: {', '.join(RESAMPLE_FUNCTIONS)}")
+    if f_s not in RESAMPLE_FUNCTIONS:  # a direct call (the method's option is validated by the config layer)
+        raise ValueError(f"unknown f_s '{f_s}'; valid: {', '.join(RESAMPLE_FUNCTIONS)}")
     x = torch.round((1.0 - phi.double()) * 1e6) / 1e6
     s = RESAMPLE_FUNCTIONS[f_s](x.clamp(min=0.0)).clamp(min=0.0)
     return torch.where(x > 0, s, torch.zeros_like(s)).long()
@@ -80,13 +83,15 @@ RATE_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh,
     "power": lambda x: x.clamp(min=0.0) ** 1.5,
 }
+#: the names of :data:`RATE_FUNCTIONS` (the ``f_m`` option's choices)
+RateFunction = Literal["identity", "tanh", "power"]
 
 
 def contribution_gap(phi_mean: Tensor) -> tuple[int, Tensor]:
     """Lowest-contributing modality i and its gap d_i = (1/(M-1)) sum_{j != i} (phi_j - phi_i)."""
     M = phi_mean.shape[0]
-    if M < 2:
-        raise ConfigError("modality-level valuation needs at least two modalities")
+    if M < 2:  # the methods refuse fewer than two modalities in ``modalities``
+        raise ValueError("modality-level valuation needs at least two modalities")
     i = int(torch.argmin(phi_mean))
     d = (phi_mean.sum() - M * phi_mean[i]) / (M - 1)
     return i, d
@@ -111,8 +116,8 @@ def modality_resample_rate(phi_mean: Tensor, f_m: str = "identity", fixed_rate: 
     >>> modality_resample_rate(torch.tensor([1.0, 0.25]))  # (2/3) * 0.75
     (1, 0.5)
     """
-    if f_m not in RATE_FUNCTIONS:
-        raise ConfigError(f"unknown f_m '{f_m}'; valid: {', '.join(RATE_FUNCTIONS)}")
+    if f_m not in RATE_FUNCTIONS:  # a direct call (the method's option is validated by the config layer)
+        raise ValueError(f"unknown f_m '{f_m}'; valid: {', '.join(RATE_FUNCTIONS)}")
     i, d = contribution_gap(phi_mean.double())
     if fixed_rate is not None:
         return i, float(fixed_rate)
@@ -214,14 +219,9 @@ class _Valuation(Joint):
     """Shared machinery: the training step on unimodal items, the valuation pass, warm-up,
     datasets."""
 
-    def __init__(self, warmup_epochs: int, absent_policy: str | None):
+    def __init__(self, warmup_epochs: int, absent_policy: AbsentPolicy | None):
         super().__init__(unimodal_weight=0.0)
-        if int(warmup_epochs) < 0:
-            raise ConfigError(f"{self.name}: warmup_epochs must be >= 0, got {warmup_epochs}")
         self.warmup_epochs = int(warmup_epochs)
-        if absent_policy is not None and absent_policy not in ABSENT_POLICIES:
-            raise ConfigError(f"{self.name}: unknown absent_policy '{absent_policy}'; "
-                              f"valid: {', '.join(ABSENT_POLICIES)} (or null = the model's)")
         self.absent_policy = absent_policy
         self._dataset_args: dict[str, Any] | None = None
 
@@ -382,10 +382,9 @@ class SampleValuation(_Valuation):
     evaluations per batch), plus the copies (up to ~3 per sample and modality).
     """
 
-    def __init__(self, warmup_epochs: int = 5, f_s: str = "double", absent_policy: str | None = None):
+    def __init__(self, warmup_epochs: Annotated[int, Interval(0, None)] = 5, f_s: ResampleFunction = "double",
+                 absent_policy: AbsentPolicy | None = None):
         super().__init__(warmup_epochs, absent_policy)
-        if f_s not in RESAMPLE_FUNCTIONS:
-            raise ConfigError(f"sample_valuation: unknown f_s '{f_s}'; valid: {', '.join(RESAMPLE_FUNCTIONS)}")
         self.f_s = f_s
 
     def on_epoch_start(self, epoch):
@@ -408,7 +407,8 @@ class SampleValuation(_Valuation):
         self.log("copies_total", counts.sum())
 
 
-STRATEGIES = ("resample", "modality_drop", "data_mask")
+Strategy = Literal["resample", "modality_drop", "data_mask"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
 @register_method("modality_valuation",
@@ -454,25 +454,17 @@ class ModalityValuation(_Valuation):
     Cost: an eval pass over ``subset_ratio`` of the training set per epoch, plus p * N copies.
     """
 
-    def __init__(self, warmup_epochs: int = 5, subset_ratio: float = 0.2, f_m: str = "identity",
-                 strategy: str = "resample", fixed_rate: float | None = None, mask_ratio: float = 0.5,
-                 absent_policy: str | None = None):
+    def __init__(self, warmup_epochs: Annotated[int, Interval(0, None)] = 5,
+                 subset_ratio: Annotated[float, Interval(0, 1, closed="right")] = 0.2,
+                 f_m: RateFunction = "identity", strategy: Strategy = "resample",
+                 fixed_rate: Annotated[float, Interval(0, 1)] | None = None,
+                 mask_ratio: Annotated[float, Interval(0, 1)] = 0.5, absent_policy: AbsentPolicy | None = None):
         super().__init__(warmup_epochs, absent_policy)
         self.subset_ratio = float(subset_ratio)
-        if not 0.0 < self.subset_ratio <= 1.0:
-            raise ConfigError(f"modality_valuation: subset_ratio must be in (0, 1], got {subset_ratio}")
-        if f_m not in RATE_FUNCTIONS:
-            raise ConfigError(f"modality_valuation: unknown f_m '{f_m}'; valid: {', '.join(RATE_FUNCTIONS)}")
         self.f_m = f_m
-        if strategy not in STRATEGIES:
-            raise ConfigError(f"modality_valuation: unknown strategy '{strategy}'; valid: {', '.join(STRATEGIES)}")
         self.strategy = strategy
         self.fixed_rate = None if fixed_rate is None else float(fixed_rate)
-        if self.fixed_rate is not None and not 0.0 <= self.fixed_rate <= 1.0:
-            raise ConfigError(f"modality_valuation: fixed_rate must be in [0, 1], got {fixed_rate}")
         self.mask_ratio = float(mask_ratio)
-        if not 0.0 <= self.mask_ratio <= 1.0:
-            raise ConfigError(f"modality_valuation: mask_ratio must be in [0, 1], got {mask_ratio}")
 
     def on_epoch_start(self, epoch):
         self._dataset_args = None

@@ -12,7 +12,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..registry import Registry, check_options
+from ..options import Annotated, Interval
+from ..registry import ConfigError, Registry, check_options
 
 ENCODERS: Registry[Callable[..., nn.Module]] = Registry("encoder")
 register_encoder = ENCODERS.register
@@ -82,6 +83,15 @@ class MLPEncoder(nn.Module):
 
 
 @register_encoder("mlp", summary="multilayer perceptron for feature vectors (hidden widths, dropout, batchnorm)")
-def mlp(input_shape: tuple[int, ...], hidden: Sequence[int] = (256, 128), dropout: float = 0.1,
-        batchnorm: bool = False) -> nn.Module:
+def mlp(input_shape: tuple[int, ...], hidden: Sequence[Annotated[int, Interval(1, None)]] = (256, 128),
+        dropout: Annotated[float, Interval(0, 1, closed="left")] = 0.1, batchnorm: bool = False) -> nn.Module:
+    """An :class:`MLPEncoder` over the flattened input; ``out_dim = hidden[-1]``.
+
+    Options:
+        hidden: widths of the hidden layers, at least one (default 256, 128); the last is the feature width.
+        dropout: dropout probability after each hidden layer (default 0.1; 0 = none).
+        batchnorm: BatchNorm1d after each hidden Linear layer (default False).
+    """
+    if not hidden:  # a non-empty list: not expressible as a type
+        raise ConfigError("encoder 'mlp' option 'hidden' takes at least one width, got []")
     return MLPEncoder(int(math.prod(input_shape)), hidden, dropout, batchnorm)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..options import Annotated, Interval, Literal
 from ..registry import ConfigError, Registry, check_options
 
 FUSIONS: Registry[Callable[..., "Fusion"]] = Registry("fusion")
@@ -74,10 +75,15 @@ class Fusion(nn.Module):
 
 @register_fusion("concat", summary="concatenate features, one linear layer; z_m = W_m h_m + b/M")
 class ConcatFusion(Fusion):
-    def __init__(self, feature_dims: dict[str, int], num_classes: int, unimodal_bias: str = "share"):
+    """``z = W [h_1; ...; h_M] + b``; the unimodal logits are the blocks of W, ``W_m h_m`` plus a bias.
+
+    Options:
+        unimodal_bias: the bias of each z_m: ``share`` (default, b/M, so the z_m sum to z) or ``full`` (b).
+    """
+
+    def __init__(self, feature_dims: dict[str, int], num_classes: int,
+                 unimodal_bias: Literal["share", "full"] = "share"):
         super().__init__(feature_dims, num_classes)
-        if unimodal_bias not in ("share", "full"):
-            raise ConfigError("concat option unimodal_bias must be 'share' (b/M) or 'full' (b)")
         self.unimodal_bias = unimodal_bias
         self.fc = nn.Linear(sum(feature_dims.values()), num_classes)
         starts, s = {}, 0
@@ -122,13 +128,16 @@ class SharedHeadFusion(Fusion):
 
     Encoders of unequal width are projected to ``common_dim`` (default: the largest width) by a
     per-modality linear map before the head; encoders of equal width are used as they are.
+
+    Options:
+        common_dim: input width of the shared head (default None = the largest encoder width).
+        combine: fused logits as the ``mean`` (default) or the ``sum`` of the unimodal logits.
     """
 
-    def __init__(self, feature_dims: dict[str, int], num_classes: int, common_dim: int | None = None,
-                 combine: str = "mean"):
+    def __init__(self, feature_dims: dict[str, int], num_classes: int,
+                 common_dim: Annotated[int, Interval(1, None)] | None = None,
+                 combine: Literal["mean", "sum"] = "mean"):
         super().__init__(feature_dims, num_classes)
-        if combine not in ("mean", "sum"):
-            raise ConfigError("shared_head option combine must be 'mean' or 'sum'")
         dims = set(feature_dims.values())
         self.common_dim = common_dim or max(dims)
         self.proj = nn.ModuleDict({
@@ -168,6 +177,13 @@ class _ConditionedFusion(Fusion):
 
 @register_fusion("film", summary="FiLM: one modality scales and shifts the others (Perez et al. 2018)")
 class FiLMFusion(_ConditionedFusion):
+    """``z = W_out [gamma_x(h_c) * h_x + beta_x(h_c)]_x``: the conditioning modality c scales and
+    shifts every other modality x.
+
+    Options:
+        condition: the conditioning modality (default None = the first modality).
+    """
+
     def __init__(self, feature_dims: dict[str, int], num_classes: int, condition: str | None = None):
         super().__init__(feature_dims, num_classes, condition)
         dc = feature_dims[self.condition]
@@ -187,19 +203,23 @@ class FiLMFusion(_ConditionedFusion):
 class GatedFusion(_ConditionedFusion):
     """``z = W_out [sigmoid(U_x h_c) * V_x h_x]_x + b``.
 
-    ``unimodal``: ``zero_others`` (default, shared rule of film/gated) or ``self`` — the ARL
+    Unimodal logits: ``zero_others`` (default, shared rule of film/gated) or ``self`` — the ARL
     public code's self-gating, ``z_c = W_out [sigmoid(U_x h_c) * U_x h_c]_x`` and
     ``z_x = W_out [.., sigmoid(V_x h_x) * V_x h_x, ..]`` (other blocks zero). Zeroing the others
     leaves the conditioning modality's logits a function of the gate only
     (``sigmoid(U h_c) * b_V``), which barely learns; self-gating gives each modality a real
     path to the output, at no extra parameters.
+
+    Options:
+        condition: the gating modality (default None = the first modality).
+        hidden_dim: width of the gated vectors (default None = the gating modality's feature width).
+        unimodal: the rule of the unimodal logits, ``zero_others`` (default) or ``self`` (self-gating).
     """
 
     def __init__(self, feature_dims: dict[str, int], num_classes: int, condition: str | None = None,
-                 hidden_dim: int | None = None, unimodal: str = "zero_others"):
+                 hidden_dim: Annotated[int, Interval(1, None)] | None = None,
+                 unimodal: Literal["zero_others", "self"] = "zero_others"):
         super().__init__(feature_dims, num_classes, condition)
-        if unimodal not in ("zero_others", "self"):
-            raise ConfigError("gated option unimodal must be 'zero_others' or 'self'")
         dc = feature_dims[self.condition]
         hid = hidden_dim or dc
         self.hidden = hid

@@ -14,15 +14,16 @@ computations cost extra *head* evaluations only, never extra encoder passes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Literal, Mapping, get_args
 
 import torch
 from torch import Tensor, nn
 
-from ..registry import ConfigError
 from .fusions import Fusion
 
-ABSENT_POLICIES = ("input", "feature")
+#: how an absent modality is represented (``model.absent_policy``)
+AbsentPolicy = Literal["input", "feature"]
+ABSENT_POLICIES: tuple[str, ...] = get_args(AbsentPolicy)
 
 
 @dataclass
@@ -36,10 +37,10 @@ class Output:
 
 class MultimodalModel(nn.Module):
     def __init__(self, encoders: Mapping[str, nn.Module], fusion: Fusion,
-                 input_shapes: Mapping[str, tuple[int, ...]], absent_policy: str = "input"):
+                 input_shapes: Mapping[str, tuple[int, ...]], absent_policy: AbsentPolicy = "input"):
         super().__init__()
-        if absent_policy not in ABSENT_POLICIES:
-            raise ConfigError(f"unknown absent_policy '{absent_policy}'; valid: {', '.join(ABSENT_POLICIES)}")
+        if absent_policy not in ABSENT_POLICIES:  # a direct call (model.absent_policy is checked with the config)
+            raise ValueError(f"unknown absent_policy '{absent_policy}'; valid: {', '.join(ABSENT_POLICIES)}")
         self.encoders = nn.ModuleDict(dict(encoders))
         self.fusion = fusion
         self.input_shapes = {m: tuple(s) for m, s in input_shapes.items()}

@@ -24,13 +24,13 @@ scratch by default; ``weights`` loads a state dict from a local file (never down
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
+from ..options import Annotated, Interval
 from ..registry import ConfigError
 from .encoders import register_encoder
 
@@ -164,25 +164,34 @@ def _check_input(name: str, input_shape: tuple, in_channels: int, ndims: tuple[i
                           f"{input_shape[0]} channels (shape {tuple(input_shape)}); set in_channels")
 
 
-def _check_width(name: str, width: Any) -> int:
-    if not isinstance(width, int) or width < 1:
-        raise ConfigError(f"encoder '{name}' option width must be a positive integer, got {width!r}")
-    return width
+PositiveInt = Annotated[int, Interval(1, None)]
 
 
 @register_encoder("resnet18_audio", summary="ResNet-18 over a 1-channel spectrogram (1, F, T), avg-pooled; options width, weights")
-def resnet18_audio(input_shape: tuple, in_channels: int | None = None, width: int = 64,
+def resnet18_audio(input_shape: tuple, in_channels: PositiveInt | None = None, width: PositiveInt = 64,
                    weights: str | None = None) -> nn.Module:
-    """ResNet-18 audio encoder; ``out_dim = 8 * width`` (512 for the real ResNet-18)."""
+    """ResNet-18 audio encoder; ``out_dim = 8 * width`` (512 for the real ResNet-18).
+
+    Options:
+        in_channels: input channels (default None = the input's first axis, 1 for a spectrogram).
+        width: channels of the first stage, doubled per stage (default 64, the real ResNet-18).
+        weights: a local state-dict file to load into the trunk (default None = random initialisation).
+    """
     in_channels = int(input_shape[0]) if in_channels is None and len(input_shape) == 3 else (in_channels or 1)
     _check_input("resnet18_audio", input_shape, in_channels, (3,))
-    return ResNet18Audio(in_channels, _check_width("resnet18_audio", width), weights)
+    return ResNet18Audio(in_channels, int(width), weights)
 
 
 @register_encoder("resnet18_visual", summary="2D ResNet-18 per frame of (3, T, H, W), mean-pooled over time and space; options width, weights")
-def resnet18_visual(input_shape: tuple, in_channels: int | None = None, width: int = 64,
+def resnet18_visual(input_shape: tuple, in_channels: PositiveInt | None = None, width: PositiveInt = 64,
                     weights: str | None = None) -> nn.Module:
-    """ResNet-18 visual encoder over T frames; ``out_dim = 8 * width`` (512 for the real ResNet-18)."""
+    """ResNet-18 visual encoder over T frames; ``out_dim = 8 * width`` (512 for the real ResNet-18).
+
+    Options:
+        in_channels: input channels (default None = the input's first axis, 3 for RGB frames).
+        width: channels of the first stage, doubled per stage (default 64, the real ResNet-18).
+        weights: a local state-dict file to load into the trunk (default None = random initialisation).
+    """
     in_channels = int(input_shape[0]) if in_channels is None and len(input_shape) in (3, 4) else (in_channels or 3)
     _check_input("resnet18_visual", input_shape, in_channels, (3, 4))
-    return ResNet18Visual(in_channels, _check_width("resnet18_visual", width), weights)
+    return ResNet18Visual(in_channels, int(width), weights)
