@@ -2,11 +2,12 @@
 
 Usage (from the repository root, after running the experiments whose commands it prints):
 
-    python scripts/make_methods_doc.py --main runs/methods-uci --ablations runs/ablations-uci
+    python scripts/make_methods_doc.py --main runs/tuned-uci --findings FINDINGS.md
+    python scripts/make_methods_doc.py --options-only     # after changing a method's options
 
-Each experiment folder must hold ``summary.md`` and ``command.txt`` (the exact command that
-produced it; ``mmbalance experiment`` writes both), so the page shows tables only together with
-the command that made them.
+The folder must hold ``summary_table.md`` (``mmbalance summarize``) and ``command.txt`` (the
+exact command that produced it; ``mmbalance tune`` / ``experiment`` write both), so the page
+shows tables only together with the command that made them.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ SECTIONS = ["arl", "mla", "mie", "sample_valuation", "modality_valuation",  # th
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--main", type=Path)
-    ap.add_argument("--ablations", type=Path)
+    ap.add_argument("--main", type=Path, help="a tuning folder (mmbalance tune) or experiment folder")
+    ap.add_argument("--findings", type=Path, help="a Markdown file with the reading of the table")
     ap.add_argument("--options-only", action="store_true",
                     help="only regenerate the option tables in the existing docs/methods.md")
     args = ap.parse_args()
@@ -34,13 +35,23 @@ def main() -> None:
         page.write_text(refresh_options(page.read_text()))
         print("refreshed the option tables of docs/methods.md")
         return
-    if args.main is None or args.ablations is None:
-        ap.error("--main and --ablations are required (or --options-only)")
+    if args.main is None:
+        ap.error("--main is required (or --options-only)")
+    import json
+
     sec = ROOT / "docs" / "_sections"
     text = (sec / "00_intro.md").read_text()
-    for key, folder in (("MAIN", args.main), ("ABLATION", args.ablations)):
-        text = text.replace("{{%s_TABLE}}" % key, (folder / "summary.md").read_text().strip())
-        text = text.replace("{{%s_COMMAND}}" % key, (folder / "command.txt").read_text().strip())
+    folder = args.main
+    table = (folder / "summary_table.md").read_text().strip()
+    command = (folder / "final" / "command.txt" if (folder / "final" / "command.txt").exists()
+               else folder / "command.txt").read_text().strip()
+    budget = "the method's defaults only"
+    if (folder / "tuning.json").exists():
+        t = json.loads((folder / "tuning.json").read_text())
+        budget = (f"{t['trials_per_method']} trials per method (the defaults plus {t['trials_per_method'] - 1} "
+                  f"random draw(s), tuning seed {t['tune_seed']}, search runs with seed {t['search_seed']})")
+    text = text.replace("{{MAIN_TABLE}}", table).replace("{{MAIN_COMMAND}}", command).replace("{{BUDGET}}", budget)
+    text = text.replace("{{MAIN_FINDINGS}}", args.findings.read_text().strip() if args.findings else "")
     parts = [text.rstrip()]
     for name in SECTIONS:
         body = (sec / f"{name}.md").read_text().strip()

@@ -12,30 +12,39 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/mutmut ] || .venv/bin/pip install -q -c constraints.txt -e '.[dev]'
 export OMP_NUM_THREADS=1
-tests=(tests/test_arl.py tests/test_mla.py tests/test_mie.py tests/test_valuation.py tests/test_ogm_ge.py
-       tests/test_qmf.py tests/test_pmr.py tests/test_agm.py tests/test_gblending.py tests/test_greedy.py
-       tests/test_mses.py tests/test_mslr.py tests/test_evaluation.py tests/test_joint.py)
-selection=$(printf '"%s", ' "${tests[@]}")
-python3 - "$selection" <<'PY'
+# the tests that exercise each module directly (the slow CLI and two-process suites are left out)
+declare -A TESTS=([metrics]="tests/test_evaluation.py" [probe]="tests/test_evaluation.py"
+                  [shapley]="tests/test_valuation.py" [contribution]="tests/test_valuation.py"
+                  [valuation]="tests/test_valuation.py" [base]="tests/test_joint.py tests/test_arl.py")
+mods=("$@")
+if [ ${#mods[@]} -eq 0 ]; then
+  mods=(metrics probe shapley contribution)
+  for f in src/mmbalance/methods/*.py; do
+    n=$(basename "$f" .py); [ "$n" = "__init__" ] || mods+=("$n")
+  done
+fi
+selection=""
+for m in "${mods[@]}"; do
+  t=${TESTS[$m]:-tests/test_$m.py}
+  for x in $t; do [ -f "$x" ] && case " $selection " in *" $x "*) ;; *) selection="$selection $x";; esac; done
+done
+cp pyproject.toml .pyproject.toml.mutation-backup
+trap 'mv -f .pyproject.toml.mutation-backup pyproject.toml' EXIT   # the selection below is per run
+python3 - $selection <<'PY'
 import re, sys
 p = "pyproject.toml"
 s = open(p).read()
-line = f"pytest_add_cli_args_test_selection = [{sys.argv[1].rstrip(', ')}]"
-s = re.sub(r"^pytest_add_cli_args_test_selection = .*$", line, s, flags=re.M) if "pytest_add_cli_args_test_selection" in s \
-    else s.replace("[tool.mutmut]\n", "[tool.mutmut]\n" + line + "\n")
+line = "pytest_add_cli_args_test_selection = [" + ", ".join(f'"{t}"' for t in sys.argv[1:]) + "]"
+s = re.sub(r"^pytest_add_cli_args_test_selection = .*$", line, s, flags=re.M)
 open(p, "w").write(s)
 PY
 rm -rf mutants
-if [ $# -gt 0 ]; then
-  pats=()
-  for m in "$@"; do
-    for d in methods evaluation; do
-      [ -f "src/mmbalance/$d/$m.py" ] && pats+=("mmbalance.$d.$m.*")
-    done
+pats=()
+for m in "${mods[@]}"; do
+  for d in methods evaluation; do
+    [ -f "src/mmbalance/$d/$m.py" ] && pats+=("mmbalance.$d.$m.*")
   done
-  .venv/bin/mutmut run --max-children "${JOBS:-2}" "${pats[@]}"
-else
-  .venv/bin/mutmut run --max-children "${JOBS:-2}"
-fi
+done
+.venv/bin/mutmut run --max-children "${JOBS:-2}" "${pats[@]}"
 .venv/bin/mutmut results > mutation-results.txt || true
 echo "survivors listed in mutation-results.txt"

@@ -32,7 +32,8 @@ FAST = {"arl": {"method.warmup_epochs": 1}, "sample_valuation": {"method.warmup_
         "mses": {"method.patience": 1}, "mslr": {"method.window": 1},
         # a ranking term large enough that pairing samples per rank instead of over the global batch shows
         "qmf": {"method.lambda_rank": 1.0, "method.temperature": 0.2},
-        "reconboost": {"method.epochs_per_stage": 1, "method.correct_epochs": 1}}
+        "reconboost": {"method.epochs_per_stage": 1, "method.correct_epochs": 1},
+        "opm": {"method.modulation_start": 0}, "dr": {"method.interval": 1}}
 # "missing": every modality absent at rate 0.5; "sparse": modality b absent from 90% of samples, so a
 # rank's share of a batch often holds no sample of b while the other rank's does
 CASES = {"full": 0.0, "missing": 0.5, "sparse": {"b": 0.9}}

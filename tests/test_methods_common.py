@@ -12,7 +12,8 @@ METHODS = list_methods()
 # methods whose per-epoch work only starts after a warm-up get a short one here
 FAST = {"arl": ["--method.warmup_epochs", "1"], "sample_valuation": ["--method.warmup_epochs", "1"],
         "modality_valuation": ["--method.warmup_epochs", "1"],
-        "reconboost": ["--method.epochs_per_stage", "1", "--method.correct_epochs", "1"]}
+        "reconboost": ["--method.epochs_per_stage", "1", "--method.correct_epochs", "1"],
+        "opm": ["--method.modulation_start", "0"], "dr": ["--method.interval", "1"]}
 
 
 def common(method):

@@ -58,6 +58,7 @@ def test_every_method_trains_and_evaluates_at_half_missing(method):
     ov = {"dataset.missing_rate": 0.5, "model.encoder_options": {"hidden": [32], "dropout": 0.0}}
     if method in ("arl", "sample_valuation", "modality_valuation"):
         ov["method.warmup_epochs"] = 1
+    ov.update({"opm": {"method.modulation_start": 0}, "dr": {"method.interval": 1}}.get(method, {}))
     tr = Trainer(quick_config(method, epochs=2, **ov))
     res = tr.fit()
     assert 0.0 <= res["test"]["accuracy"] <= 1.0 and np.isfinite(res["test"]["loss"])

@@ -99,6 +99,7 @@ SPACES: dict[str, dict[str, Any]] = {
     "mmpareto": {"gamma": Choice((1.0, 1.5, 2.0))},          # MMPareto: magnitude rescaling gamma
     "reconboost": {"alpha": Choice((0.1, 0.5, 1.0))},        # ReconBoost code: reconcilement weight 0.5
     "umt": {"lambda_distill": Choice((1.0, 10.0, 100.0))},   # UMT distillation weight (BalanceBenchmark 1)
+    "opm": {"q_base": Choice((0.3, 0.5, 0.7))},              # OPM code: base drop probability 0.5
 }
 
 

@@ -249,7 +249,8 @@ class DR(Method):
         dims = [model.feature_dim(m) for m in mods]
         n = len(dataset)
         part = tr.shard(dataset)
-        positions = torch.as_tensor(list(getattr(part, "indices", range(len(part)))), dtype=torch.long)
+        # the shard's positions in the split (a Subset of it), or the whole split on one process
+        positions = torch.as_tensor(list(part.indices) if part is not dataset else range(n), dtype=torch.long)
         width = sum(dims) + len(mods) + 1
         table = torch.zeros(n, width, device=tr.device)
         at = 0

@@ -10,6 +10,7 @@ Pure math: :func:`fisher_trace`, :func:`prime_window_rate`, :func:`inforeg_betas
 """
 from __future__ import annotations
 
+import math
 from typing import Annotated, Iterable, Literal, Sequence
 
 import torch
@@ -69,34 +70,55 @@ def prime_window_rate(history: Sequence[float], window: int = 10) -> float:
     return (recent - before) / recent
 
 
-def inforeg_betas(scores: Tensor, beta: float, in_window: Sequence[bool]) -> tuple[Tensor, Tensor]:
+def inforeg_betas(scores: Tensor, beta: float, in_window: Sequence[bool], counts: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
     """Proximal coefficients ``beta_m`` (M,) and score gaps (M,).
 
     ``gap_m = s_m - mean_{n != m} s_n``; a modality ahead of the others (``gap_m > 0``) and in its
     prime learning window gets ``beta_m = beta * exp(tanh(gap_m))``, every other modality 0. For two
     modalities this is the public code's ``beta * exp(tanh(s_a - s_v))`` when ``s_a > s_v``.
 
+    ``counts`` (M,): how many samples each score sums over (missing modalities). Scores are then
+    put on the scale of the fullest modality, ``s_m * max(n) / n_m``, and a modality with no
+    sample takes no part (gap and beta 0); equal counts give the plain rule.
+
     >>> b, gap = inforeg_betas(torch.tensor([3.0, 2.0]), 0.95, [True, True])
     >>> round(float(b[0]), 4), float(b[1]), gap.tolist()
     (2.0346, 0.0, [1.0, -1.0])
     """
-    s = scores.detach().double()
-    M = s.numel()
+    s = [float(x) for x in scores.detach().reshape(-1).tolist()]
+    M = len(s)
     if M < 2:
         raise ConfigError("inforeg needs at least two modalities")
-    gap = s - (s.sum() - s) / (M - 1)
-    win = torch.tensor([bool(x) for x in in_window], dtype=torch.bool, device=s.device)
-    b = torch.where((gap > 0) & win, float(beta) * torch.exp(torch.tanh(gap)), torch.zeros_like(gap))
-    return b.float(), gap.float()
+    if counts is not None:  # plain Python: M numbers, called every step
+        n = [float(x) for x in counts.detach().reshape(-1).tolist()]
+        top = max(n)
+        s = [si * top / ni if ni > 0 else 0.0 for si, ni in zip(s, n)]
+        on = [ni > 0 for ni in n]
+    else:
+        on = [True] * M
+    gap, b = [0.0] * M, [0.0] * M
+    k = sum(on)
+    if k >= 2:
+        total = sum(x for x, o in zip(s, on) if o)
+        for m in range(M):
+            if on[m]:
+                gap[m] = s[m] - (total - s[m]) / (k - 1)
+                if gap[m] > 0 and bool(in_window[m]):
+                    b[m] = float(beta) * math.exp(math.tanh(gap[m]))
+    return torch.tensor(b), torch.tensor(gap)
 
 
 @torch.no_grad()
 def proximal_pull_(params: Sequence[nn.Parameter], anchors: Sequence[Tensor], beta: float) -> None:
     """In place: ``grad <- grad + beta * (theta - theta_anchor)`` for every parameter with a
     gradient (the gradient of ``beta/2 * ||theta - theta_anchor||^2``)."""
-    for p, a in zip(params, anchors):
-        if p.grad is not None:
-            p.grad.add_(p.detach() - a.to(p.dtype), alpha=float(beta))
+    pairs = [(p, a) for p, a in zip(params, anchors) if p.grad is not None]
+    if not pairs:
+        return
+    grads = [p.grad for p, _ in pairs]
+    diffs = torch._foreach_sub([p.detach() for p, _ in pairs], [a.to(p.dtype) for p, a in pairs])
+    torch._foreach_add_(grads, diffs, alpha=float(beta))
 
 
 def trace_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -157,7 +179,9 @@ class InfoReg(Method):
         * For more than two modalities ``gap_m = s_m - mean_{n != m} s_n`` (the two-modality
           difference otherwise), so every modality ahead of the others' mean may be regulated.
         * Scores are batch *sums* as in the code (with batch 64 the ``tanh`` of a sum difference
-          is close to 1 once one modality leads); samples without modality m are left out of s_m.
+          is close to 1 once one modality leads). With missing modalities s_m sums over the
+          samples where m is present and is rescaled to the fullest modality's count
+          (``s_m max(n) / n_m``), so an often-missing modality does not look weak for it.
         * Unimodal logits come from the model's fusion (for ``concat``: ``W_m h_m + b/M``); the
           public code has separate unimodal heads.
 
@@ -239,9 +263,9 @@ class InfoReg(Method):
             .mul(present[m].double()).sum(), present[m].sum().double()]) for m in mods])
         stats = tr.all_reduce_sum(stats).cpu()  # one collective per step, on every process
         scores, counts = stats[:, 0], stats[:, 1]
-        if not self._in_window:  # a step outside the engine's epoch loop (tests): decide now
+        if not self._in_window:  # a step before any epoch start (a direct call): start the epoch
             self.on_epoch_start(tr.epoch)
-        betas, _ = inforeg_betas(scores, self.beta, [self._in_window[m] for m in mods])
+        betas, _ = inforeg_betas(scores, self.beta, [self._in_window[m] for m in mods], counts)
         tr.zero_grad()
         tr.backward(loss)
         for i, m in enumerate(mods):

@@ -8,10 +8,10 @@ Pure math: :func:`opm_scores`, :func:`opm_drop_probabilities`, :func:`opm_random
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Mapping, Sequence
+import math
+from typing import Annotated, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..options import Interval
@@ -42,25 +42,43 @@ def opm_scores(unimodal_logits: Sequence[Tensor], labels: Tensor,
     return torch.stack(rows)
 
 
-def opm_drop_probabilities(scores: Tensor, q_base: float, lam: float, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
+def opm_drop_probabilities(scores: Tensor, q_base: float, lam: float, counts: Tensor | None = None,
+                           eps: float = 1e-12) -> tuple[Tensor, Tensor]:
     """Drop probabilities ``q`` (M,) and discrepancy ratios ``rho`` (M,) from the scores ``s`` (M,).
 
     ``rho_m = s_m / mean_{n != m} s_n`` (two modalities: ``s_1 / s_2`` and its inverse);
     ``q_m = q_base * (1 + lam * tanh(rho_m - 1))`` where ``rho_m > 1``, else 0; clipped to [0, 1].
     Only modalities ahead of the others are dropped; for two modalities at most one.
 
+    ``counts`` (M,), the number of samples each score sums over (missing modalities): the ratio
+    then compares mean scores ``s_m / n_m``, and a modality with no sample takes no part (its
+    ``q`` and ``rho`` are 0); with fewer than two taking part nothing is dropped. Equal counts
+    give the plain rule.
+
     >>> q, rho = opm_drop_probabilities(torch.tensor([3.0, 1.0]), q_base=0.5, lam=0.5)
     >>> round(float(q[0]), 4), float(q[1]), rho.tolist()
     (0.741, 0.0, [3.0, 0.3333333432674408])
     """
-    s = scores.detach().double()
-    M = s.numel()
+    s = [float(x) for x in scores.detach().reshape(-1).tolist()]
+    M = len(s)
     if M < 2:
         raise ConfigError("opm needs at least two modalities")
-    others = (s.sum() - s) / (M - 1)
-    rho = s / others.clamp_min(eps)
-    q = torch.where(rho > 1.0, q_base * (1.0 + lam * torch.tanh(rho - 1.0)), torch.zeros_like(rho))
-    return q.clamp(0.0, 1.0).float(), rho.float()
+    if counts is None:
+        on, mean = [True] * M, s
+    else:  # compare mean scores; a modality without samples takes no part
+        n = [float(x) for x in counts.detach().reshape(-1).tolist()]
+        on = [c > 0 for c in n]
+        mean = [si / ni if o else 0.0 for si, ni, o in zip(s, n, on)]
+    q, rho = [0.0] * M, [0.0] * M
+    k = sum(on)
+    if k >= 2:  # plain Python: M numbers, called every step
+        total = sum(x for x, o in zip(mean, on) if o)
+        for m in range(M):
+            if on[m]:
+                rho[m] = mean[m] / max((total - mean[m]) / (k - 1), eps)
+                if rho[m] > 1.0:
+                    q[m] = min(max(q_base * (1.0 + lam * math.tanh(rho[m] - 1.0)), 0.0), 1.0)
+    return torch.tensor(q), torch.tensor(rho)
 
 
 def opm_random_draws(seed: int, table_size: int, num_modalities: int) -> tuple[float, Tensor]:
@@ -126,7 +144,8 @@ class OPM(Method):
     1. One forward: encoder features ``h_m`` and, from the model's fusion on the full features,
        the unimodal logits ``z_m``; scores ``s_m = sum_b softmax(z_m)_{b, y_b}`` over the samples
        where m is present, summed over processes (:func:`opm_scores`).
-    2. ``rho_m = s_m / mean_{n != m} s_n`` and the drop probability
+    2. ``rho_m = s_m / mean_{n != m} s_n`` (mean scores over the present samples when
+       modalities are missing) and the drop probability
        ``q_m = q_base (1 + lam tanh(rho_m - 1))`` for ``rho_m > 1``, else 0, clipped to [0, 1]
        (:func:`opm_drop_probabilities`).
     3. With probability ``p_exe`` (one draw per step), every sample's feature ``h_m`` is zeroed
@@ -152,8 +171,10 @@ class OPM(Method):
             modality's kept features) or ``none``.
 
     Decisions:
+        * The drop probability and the rescale follow the public code (``calcu_q`` and
+          ``Modality_drop`` in ``code/models/Classifier.py``).
         * ``rho_m`` is the ratio to the *mean* of the other modalities' scores: for two
-          modalities it is the paper's and the code's ratio; for more, BalanceBenchmark divides
+          modalities it is the code's ``s_1 / s_2``; for more, BalanceBenchmark divides
           by the *sum* of the others (``OPM_trainer.py``), which makes ``rho_m > 1`` rare for
           M >= 3. The mean is the rule ``ogm_ge`` uses here.
         * The scores come from the model's own unimodal logits (for ``concat``: ``W_m h_m + b/M``,
@@ -161,8 +182,10 @@ class OPM(Method):
         * The random numbers of a step come from a generator seeded by ``(train.seed,
           global_step)``; each sample's draw is looked up by its dataset index, so several
           processes drop exactly what one process would, and a resumed run replays the drops.
-        * Missing modalities: scores count present samples only; a sample whose present
-          modalities are all dropped is removed, like a sample with every modality dropped.
+        * Missing modalities: scores count present samples only and the ratio compares mean
+          scores (a modality absent from the whole global batch takes no part); a sample whose
+          present modalities are all dropped is removed, like a sample with every modality
+          dropped.
 
     Diagnostics per epoch: ``q_<m>`` (drop probability, averaged over steps; also outside the
     window, where nothing is dropped), ``rho_<m>``, ``score_<m>`` (mean true-class probability),
@@ -196,20 +219,24 @@ class OPM(Method):
         M = len(mods)
         y = batch["label"]
         present = batch["present"]
+        executed = False
+        if self.in_window(tr.epoch):  # the step's draws do not depend on the forward
+            u, table = opm_random_draws(_step_seed(tr.cfg.train.seed, tr.global_step), len(tr.data.train), M)
+            executed = u < self.p_exe
         with tr.autocast():
             feats = model.encode_all(batch["inputs"], present)
-            out = model.fuse(feats, present)
+            if executed:  # the full features only score the modalities: no graph
+                with torch.no_grad():
+                    out = model.fuse({m: f.detach() for m, f in feats.items()}, present)
+            else:
+                out = model.fuse(feats, present)
         pres = torch.stack([present[m].view(-1) for m in mods], 1)  # (B, M) bool
         # one collective every step: score sums and present counts per modality
         stats = tr.all_reduce_sum(torch.stack([
             opm_scores([out.unimodal_logits[m] for m in mods], y, [present[m] for m in mods]),
-            pres.sum(0).double()], 1))
+            pres.sum(0).double()], 1)).cpu()
         scores, counts = stats[:, 0], stats[:, 1]
-        q, rho = opm_drop_probabilities(scores, self.q_base, self.lam)
-        executed = False
-        if self.in_window(tr.epoch):
-            u, table = opm_random_draws(_step_seed(tr.cfg.train.seed, tr.global_step), len(tr.data.train), M)
-            executed = u < self.p_exe
+        q, rho = opm_drop_probabilities(scores, self.q_base, self.lam, counts)
         loss = None
         if executed:
             keep = opm_keep_masks(table[batch["index"].cpu()], q).to(y.device)  # (B, M)
@@ -222,7 +249,7 @@ class OPM(Method):
             # second collective, on every process alike (the execution draw is shared): the number
             # of kept samples and of dropped features per modality in the global batch
             drop_stats = tr.all_reduce_sum(torch.cat([kept.sum().view(1), ((~keep) & pres).sum(0),
-                                                      torch.tensor([y.numel()], device=y.device)]).double())
+                                                      torch.tensor([y.numel()], device=y.device)]).double()).cpu()
             n_kept, n_all = float(drop_stats[0]), float(drop_stats[-1])
             for i, m in enumerate(mods):
                 self.log(f"dropped_{m}", float(drop_stats[1 + i]) / max(float(counts[i]), 1.0))
