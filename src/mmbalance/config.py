@@ -108,7 +108,7 @@ class TrainConfig:
     seed: seed of everything random in the run.
     deterministic: use deterministic algorithms only (slower on GPU).
     device: auto, cpu, cuda or cuda:N.
-    precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.
+    precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, or fp16 (with dynamic loss scaling).
     num_workers: DataLoader worker processes.
     drop_last: drop the last incomplete training batch.
     select_metric: validation metric for model selection.
@@ -125,7 +125,7 @@ class TrainConfig:
     seed: Annotated[int, Interval(0, 2**63 - 1)] = 0
     deterministic: bool = False
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     num_workers: NonNegInt = 0
     drop_last: bool = False
     select_metric: Literal["accuracy", "macro_f1", "map"] = "accuracy"

@@ -32,9 +32,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: bf16 when asked, or on CUDA with ``auto``; None = fp32."""
+    """The autocast dtype: bf16 when asked, or on CUDA with ``auto``; fp16 when asked (with the
+    trainer's loss scaling); None = fp32."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
     return None
 
 

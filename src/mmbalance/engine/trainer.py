@@ -81,6 +81,12 @@ class Trainer:
         if dist_utils.is_distributed() and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.amp_dtype = amp_dtype(tc.precision, self.device)
+        # fp16: dynamic loss scaling (as torch.amp.GradScaler), unscaled right after every backward
+        # so methods that read or change gradients see true gradients; steps with inf/NaN skipped
+        self.loss_scale: float | None = 2.0 ** 16 if tc.precision == "fp16" else None
+        self._found_inf = torch.zeros((), device=self.device)
+        self._good_steps = 0
+        self.skipped_steps = 0
         self.show_progress = {"on": True, "off": False}.get(tc.progress, sys.stderr.isatty()) and self.rank == 0
         set_deterministic(tc.deterministic)
         seed_everything(tc.seed)
@@ -188,8 +194,17 @@ class Trainer:
         whatever a method does to them next acts on the global-batch gradient. The L2 norm of
         each encoder's gradient is accumulated on the device for ``metrics.jsonl``."""
         self.check_finite(loss)
-        loss.backward(**kwargs)
-        dist_utils.average_gradients(self.model.parameters())
+        if self.loss_scale is None:
+            loss.backward(**kwargs)
+            dist_utils.average_gradients(self.model.parameters())
+        else:
+            (loss * self.loss_scale).backward(**kwargs)
+            dist_utils.average_gradients(self.model.parameters())  # an inf on any rank reaches every rank
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                inv = torch.full((), 1.0 / self.loss_scale, device=self.device)
+                for dtype_group in _by_dtype(grads):
+                    torch._amp_foreach_non_finite_check_and_unscale_(dtype_group, self._found_inf, inv)
         self._record_grad_norms()
 
     @torch.no_grad()
@@ -209,15 +224,34 @@ class Trainer:
         n = max(float(acc[-1]), 1.0)
         return {m: float(acc[i]) / n for i, m in enumerate(self.modalities)}
 
-    def clip_gradients(self) -> float | None:
+    def clip_gradients(self) -> torch.Tensor | None:
+        """Clip the global gradient norm at ``optim.grad_clip``; returns the norm before clipping
+        (a device tensor: no host synchronisation)."""
         if self.cfg.optim.grad_clip is None:
             return None
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
 
     def optimizer_step(self) -> None:
+        if self.loss_scale is not None and self._skip_for_overflow():
+            return
         self.clip_gradients()
         self.optimizer.step()
         dist_utils.broadcast_buffers(self.model)
+
+    def _skip_for_overflow(self) -> bool:
+        """fp16: skip this step when a gradient overflowed (halve the scale), else let the scale
+        grow after 2000 good steps, as ``torch.amp.GradScaler`` does."""
+        found = bool(self._found_inf.item())
+        self._found_inf.zero_()
+        if found:
+            self.zero_grad()
+            self.loss_scale = max(self.loss_scale / 2.0, 1.0)
+            self.skipped_steps += 1
+            return True
+        self._good_steps += 1
+        if self._good_steps % 2000 == 0:
+            self.loss_scale *= 2.0
+        return False
 
     def step(self, loss: torch.Tensor) -> None:
         """zero grads, backward, clip, optimizer step."""
@@ -289,6 +323,8 @@ class Trainer:
         self.best_value = float(st["best_value"])
         self.best_epoch = int(st["best_epoch"])
         self.train_seconds = float(st["train_seconds"])
+        if self.loss_scale is not None and st.get("loss_scale") is not None:
+            self.loss_scale, self.skipped_steps = float(st["loss_scale"]), int(st.get("skipped_steps", 0))
         self.history = list(st.get("history", []))
         self._apply_resume_changes()
         self.folder.truncate_metrics(self.start_epoch)  # drop epochs recorded after the checkpoint
@@ -321,7 +357,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "method": self.method.state_dict(), "epoch": epoch, "global_step": self.global_step,
                 "best_value": self.best_value, "best_epoch": self.best_epoch,
-                "train_seconds": self.train_seconds, "history": getattr(self, "history", [])}
+                "train_seconds": self.train_seconds, "history": getattr(self, "history", []),
+                "loss_scale": self.loss_scale, "skipped_steps": self.skipped_steps}
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict[str, Any] | None:
@@ -377,6 +414,8 @@ class Trainer:
             record = {"epoch": epoch + 1, "lr": lr, "train": {k: float(v) / max(n, 1) for k, v in sums.items()},
                       "grad_norm": self._epoch_grad_norms(),
                       "train_size": len(dataset), "val": val, "diagnostics": diagnostics,
+                      **({"loss_scale": self.loss_scale, "skipped_steps": self.skipped_steps}
+                         if self.loss_scale is not None else {}),
                       "seconds": round(time.perf_counter() - t0, 4)}
             self._log_epoch(record, improved)
             if self.writes:
@@ -490,6 +529,13 @@ def default_run_dir(cfg: RunConfig, root: str = "runs") -> Path:
         k += 1
         path = Path(f"{base}-{k}")
     return path
+
+
+def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return list(groups.values())
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
