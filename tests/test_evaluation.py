@@ -71,3 +71,17 @@ def test_probe_accuracy_separable_and_noise():
     # evaluation uses the *training* standardisation: shifting eval features changes predictions
     shifted = probe_accuracy(x[:60], y[:60], x[60:] + 100.0, y[60:], 3)
     assert shifted < 1.0
+
+
+def test_probe_accuracy_passes_its_l2_and_defaults_to_1e_3(monkeypatch):
+    from mmbalance.evaluation import probe
+
+    seen = []
+    orig = probe.fit_linear_probe
+    monkeypatch.setattr(probe, "fit_linear_probe", lambda *a, **k: seen.append(a[3] if len(a) > 3 else k.get("l2"))
+                        or orig(*a, **k))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(30, 3, generator=g), torch.arange(30) % 3
+    probe.probe_accuracy(x, y, x, y, 3, l2=0.5)
+    probe.probe_accuracy(x, y, x, y, 3)
+    assert seen == [0.5, 1e-3]
