@@ -13,7 +13,7 @@ import torch
 from mmbalance.evaluation.imbalance import (contribution_summary, error_matrices, error_matrix, head_singular_values,
                                             imbalance_ratio, modality_gap, modality_gaps, probe_gap, ratios_to_max,
                                             singular_values)
-from mmbalance.experiments.analyze import (analyze, analyze_experiment, analyze_run, find_runs, grad_norm_analysis,
+from mmbalance.experiments.analyze import (analyze, analyze_run, find_runs, grad_norm_analysis,
                                            pick_reference, unimodal_references)
 from mmbalance.registry import ConfigError
 

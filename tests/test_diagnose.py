@@ -90,7 +90,7 @@ def test_diagnose_cli_compares_methods_and_recommends_by_validation(tmp_path, ca
     npz = write_npz(tmp_path / "tiny.npz", signal={"a": 1.5, "b": 0.3})
     out = tmp_path / "diag"
     rc = cli(["diagnose", "--train.batch_size", "16", str(npz), "--epochs", "2", "--methods", "ogm_ge,qmf",
-              "--seeds", "0,1", "--output-dir", str(out)])
+              "--seeds", "0,1", "--output-dir", str(out), "--jobs", "1"])
     assert rc == 0
     printed = capsys.readouterr().out
     d = json.loads((out / "diagnosis.json").read_text())
@@ -111,7 +111,7 @@ def test_diagnose_cli_compares_methods_and_recommends_by_validation(tmp_path, ca
     assert "batch_size: 16" in (out / "comparison" / "qmf" / "seed0" / "config.yaml").read_text()
     assert (out / "comparison" / "summary.json").exists() and "plots/comparison.png" in d["plots"]
     assert (out / "reference" / "command.txt").read_text().startswith("mmbalance experiment --runs joint")
-    # a rerun reuses every finished run
+    # a rerun (default --jobs 2) reuses every finished run
     stamp = (out / "comparison" / "qmf" / "seed1" / "results.json").stat().st_mtime_ns
     assert cli(["diagnose", str(npz), "--epochs", "2", "--methods", "ogm_ge,qmf", "--seeds", "0,1",
                 "--output-dir", str(out), "--train.batch_size", "16"]) == 0

@@ -178,9 +178,10 @@ def load_run(run_dir: str | Path, device: str = "cpu", checkpoint: str = "best.p
     model = method.build_model(spec).to(dev)
     state = folder.load(checkpoint, dev)
     load_model_state(model, state["model"], folder / checkpoint)
+    run = Run(cfg, method, model, spec, dev, None, folder.path, int(state.get("epoch", 0)))
+    run._handle()  # the method gets its (inference) handle before its state is restored
     method.load_state_dict(state.get("method", {}))
     model.eval()
-    results = None
     if (folder / "results.json").exists():
-        results = json.loads((folder / "results.json").read_text())
-    return Run(cfg, method, model, spec, dev, results, folder.path, int(state.get("epoch", 0)))
+        run.results = json.loads((folder / "results.json").read_text())
+    return run

@@ -1,4 +1,5 @@
-"""The ``mmbalance`` command: train, evaluate, list, preprocess, experiment.
+"""The ``mmbalance`` command: train, evaluate, list, plot, preprocess, extract-features,
+experiment, tune, summarize, diagnose, analyze, report.
 
 ``mmbalance train`` with no arguments trains ``joint`` + ``concat`` on the embedded UCI
 Multiple Features views (pix + fou) and prints a table of fused and per-modality results.
@@ -340,6 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
         su = sub.add_parser("summarize", help="mean ± std, gap to joint with significance: Markdown, CSV, LaTeX")
         exp_cli.add_summarize_arguments(su)
         su.set_defaults(func=exp_cli.run_summarize)
+        from .experiments import analyze as analyze_cmd, diagnose as diagnose_cmd, report as report_cmd
+
+        dg = sub.add_parser("diagnose", help="which modality is under-learned on a dataset (and, with --methods, "
+                            "which method to use): unimodal and joint runs, contributions, a verdict")
+        diagnose_cmd.add_arguments(dg)
+        dg.set_defaults(func=diagnose_cmd.run)
+        an = sub.add_parser("analyze", help="imbalance analysis of a finished run or experiment (analysis.json)")
+        analyze_cmd.add_arguments(an)
+        an.set_defaults(func=analyze_cmd.run)
+        rp = sub.add_parser("report", help="one self-contained HTML page for a run, an experiment or a diagnosis")
+        report_cmd.add_arguments(rp)
+        rp.set_defaults(func=report_cmd.run)
     except ImportError:  # pragma: no cover
         pass
     return p

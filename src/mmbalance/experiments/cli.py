@@ -87,7 +87,26 @@ def _from_file(args: argparse.Namespace, overrides: dict[str, Any]):
     return {**ef.settings, **overrides}, ef
 
 
+def _untangle(args: argparse.Namespace, rest: Sequence[str]) -> list[str]:
+    """argparse gives the optional FILE positional the value of a space-separated dotted flag
+    (``--train.epochs 1``); put such a value back after its flag."""
+    if not args.file or args.file.endswith((".yaml", ".yml")):
+        return list(rest)
+    argv = list(getattr(args, "argv", None) or [])
+    tokens = argv[argv.index("experiment") + 1:] if "experiment" in argv else []
+    for i, tok in enumerate(tokens[1:], 1):
+        if tok == args.file and tokens[i - 1].startswith("--") and "=" not in tokens[i - 1] \
+                and tokens[i - 1] in rest:
+            out = list(rest)
+            j = out.index(tokens[i - 1])
+            out.insert(j + 1, args.file)
+            args.file = None
+            return out
+    return list(rest)
+
+
 def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    rest = _untangle(args, rest)
     overrides = parse_flags(rest)
     ef = None
     if args.file:

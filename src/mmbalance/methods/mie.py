@@ -667,9 +667,9 @@ class MIE(Method):
     def predict(self, batch) -> Output:
         out = self.model(batch["inputs"], batch["present"])
         present = batch["present"]
-        if all(bool(present[m].all()) for m in self._mods):
+        if all(bool(present[m].all()) for m in self.model.modalities):
             return out
-        mask = torch.stack([present[m].to(out.logits.device) for m in self._mods])
+        mask = torch.stack([present[m].to(out.logits.device) for m in self.model.modalities])
         return Output(self.model.fusion.combine(out.unimodal_logits, mask), out.unimodal_logits, out.features)
 
     # -- state -----------------------------------------------------------------------------
