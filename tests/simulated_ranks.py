@@ -78,3 +78,19 @@ def run_two_ranks(monkeypatch, make: Callable[[], Trainer], body: Callable[[Trai
         raise errors[0]
     assert calls[0] == calls[1], f"the ranks made different collective calls: {calls}"
     return [results[0], results[1]]
+
+
+def two_rank_step_grads(monkeypatch, make: Callable[[], Trainer], batch: Any) -> dict[str, torch.Tensor]:
+    """The gradients one ``training_step`` leaves for the optimizer when ``batch`` is dealt to two
+    simulated ranks (samples ``r::2``, as the engine's sharded sampler deals them): what a test
+    compares with one process's step on the whole batch."""
+    from helpers import capture_step_grads
+
+    def body(tr: Trainer, r: int) -> dict[str, torch.Tensor]:
+        tr.model.train()
+        return capture_step_grads(tr, shard_batch(batch, r))
+
+    g0, g1 = run_two_ranks(monkeypatch, make, body)
+    for n in g0:  # backward averaged them over the ranks: both ranks hold the same gradients
+        assert torch.equal(g0[n], g1[n]), n
+    return g0

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from imagetext_fixtures import tiny_bert, tiny_resnet, twitter_tombert
-from mmbalance.data import build_dataset, extract
+from mmbalance.data import build_dataset
+from mmbalance.experiments import extract
 from mmbalance.data.features import load_features
 from mmbalance.models import create_encoder
 from mmbalance.registry import ConfigError

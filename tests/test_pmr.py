@@ -9,6 +9,7 @@ from mmbalance.engine import Trainer
 from mmbalance.methods.pmr import (class_sums, pmr_weak_modalities, prototype_logits, prototype_scores,
                                    update_prototypes)
 
+from simulated_ranks import two_rank_step_grads
 from helpers import capture_step_grads
 
 
@@ -246,54 +247,12 @@ def test_invalid_options():
 
 # ---------------------------------------------------------------------------------------------
 # two processes simulated in one: threads with a summing barrier stand in for all_reduce
-import threading
 
-from mmbalance.engine.trainer import Trainer as _Trainer
 
 
 def two_rank_grads(make_trainer, batch, monkeypatch):
-    """Gradients of one ``training_step`` on two simulated ranks (rank r gets the samples
-    ``r::2`` of ``batch``, as the engine's sharded sampler deals them), averaged as the engine
-    averages them; ``all_reduce_sum``/``all_reduce_mean`` sum over the two ranks."""
-    monkeypatch.setattr(_Trainer, "world_size", property(lambda s: getattr(s, "_sim_world", 1)))
-    monkeypatch.setattr(_Trainer, "rank", property(lambda s: getattr(s, "_sim_rank", 0)))
-    ranks = [make_trainer(), make_trainer()]
-    ranks[1].model.load_state_dict(ranks[0].model.state_dict())
-    barrier, box, grads, errors = threading.Barrier(2, timeout=60), {}, {}, []
-
-    def reducer(r, mean=False):
-        def reduce(t):
-            box[r] = t.detach().clone()
-            barrier.wait()
-            total = box[0] + box[1]
-            barrier.wait()
-            return total / 2 if mean else total
-        return reduce
-
-    def shard(x, r):
-        if isinstance(x, dict):
-            return {k: shard(v, r) for k, v in x.items()}
-        return x[r::2]
-
-    def run(r):
-        try:
-            tr = ranks[r]
-            tr._sim_world, tr._sim_rank = 2, r
-            tr.all_reduce_sum, tr.all_reduce_mean = reducer(r), reducer(r, mean=True)
-            tr.model.train()
-            grads[r] = capture_step_grads(tr, shard(batch, r))
-        except Exception as e:  # pragma: no cover - surfaced below
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return {n: (grads[0][n] + grads[1][n]) / 2 for n in grads[0]}
+    """One step's gradients with ``batch`` dealt to two simulated ranks (tests/simulated_ranks.py)."""
+    return two_rank_step_grads(monkeypatch, make_trainer, batch)
 
 
 def test_two_processes_with_missing_modalities_equal_one_process(monkeypatch):

@@ -17,10 +17,10 @@ FAST = {"arl": {"method.warmup_epochs": 0}, "sample_valuation": {"method.warmup_
         "dr": {"method.interval": 1}, "reconboost": {"method.epochs_per_stage": 1, "method.correct_epochs": 1}}
 
 
-def trainer(method, precision, **extra):
+def trainer(method, precision, epochs=1, **extra):
     ov = {"train.precision": precision, "model.encoder_options": {"hidden": [16, 8], "dropout": 0.0},
           "train.batch_size": 16, **FAST.get(method, {}), **extra}
-    return Trainer(quick_config(method, epochs=2, **ov), data=tiny_data(n=48, n_eval=12, missing=0.2))
+    return Trainer(quick_config(method, epochs=epochs, **ov), data=tiny_data(n=48, n_eval=12, missing=0.2))
 
 
 @pytest.mark.parametrize("method", list_methods())

@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         pp.set_defaults(func=cmd_preprocess)
     except ImportError:  # pragma: no cover - module not present
         pass
-    from .data import extract
+    from .experiments import extract
 
     xf = sub.add_parser("extract-features", help=extract.HELP)
     extract.add_arguments(xf)

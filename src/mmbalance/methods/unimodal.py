@@ -12,7 +12,7 @@ class Unimodal(Method):
     from the model and the data, so the run's fused metrics are that modality's.
 
     Options:
-        modality: the modality to train (default: the dataset's first modality).
+        modality: the modality to train, by name or 0-based position (default: the dataset's first).
     """
 
     def __init__(self, modality: str | None = None):
@@ -21,6 +21,8 @@ class Unimodal(Method):
 
     def modalities(self, available):
         m = self.modality or available[0]
+        if m not in available and str(m).isdigit() and int(m) < len(available):
+            m = available[int(m)]  # by position: recipes that run on any dataset
         if m not in available:
             raise ConfigError(f"unimodal: unknown modality '{m}'; modalities: {', '.join(available)}")
         self.modality = m
