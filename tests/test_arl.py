@@ -469,3 +469,58 @@ def test_fit_three_modalities_any_optimizer(optimizer):
     assert 0.0 <= res["test"]["accuracy"] <= 1.0
     assert res["method_options"]["estimator"] == "variance"
     assert set(res["test"]["per_modality"]) == {"m0", "m1", "m2"}
+
+
+@pytest.mark.parametrize("opts", [{"T": 2.0}, {"estimator": "variance"}, {"floor": 0.6}, {"score": "ratio"}])
+def test_every_coefficient_option_reaches_the_step(opts):
+    """The step's k is the rule's k under the run's options (a non-default T, estimator, floor or
+    score must change what the step computes, not only what the constructor stores)."""
+    tr = _tiny_trainer(2, "concat", "input", warmup_epochs=0, **opts)
+    batch = _batch_with_missing(tr)
+    tr.model.train()
+    with torch.no_grad():
+        out = tr.model(batch["inputs"], batch["present"])
+    zs = [out.unimodal_logits[m] for m in tr.model.modalities]
+    stats = arl_batch_statistics(zs, batch["label"], [batch["present"][m] for m in tr.model.modalities])
+    want = arl_coefficients_from_statistics(stats, T=opts.get("T", 8.0), estimator=opts.get("estimator", "entropy"),
+                                            floor=opts.get("floor"), score=opts.get("score", "product"))[0]
+    default = arl_coefficients_from_statistics(stats)[0]
+    assert not torch.allclose(want, default, atol=1e-4)  # the option matters on this batch
+    stats_out = tr.method.training_step(batch)
+    diag = tr.method.epoch_diagnostics()
+    assert [diag[f"k_{m}"] for m in tr.model.modalities] == pytest.approx(want.tolist(), abs=1e-6)
+    assert {"loss", "loss_fused", "loss_unimodal"} <= set(stats_out)
+
+
+def test_defaults_are_the_papers_crema_d_setting():
+    from mmbalance.methods import create_method
+
+    hp = create_method("arl").hparams()
+    assert (hp["T"], hp["gamma"], hp["warmup_epochs"], hp["grad_clip"], hp["floor"]) == (8.0, 4.0, 5, 40.0, None)
+    assert (hp["estimator"], hp["score"]) == ("entropy", "product")
+    z = [torch.randn(6, 3, generator=torch.Generator().manual_seed(1)) * s for s in (3.0, 0.5)]
+    assert torch.allclose(arl_coefficients(z, torch.arange(6) % 3)[0], arl_coefficients(z, torch.arange(6) % 3, T=8.0)[0])
+    assert not torch.allclose(arl_coefficients(z, torch.arange(6) % 3)[0], arl_coefficients(z, torch.arange(6) % 3, T=9.0)[0])
+
+
+def test_model_uses_the_public_codes_unimodal_logits_unless_told_otherwise():
+    tr = _tiny_trainer(2, "concat")
+    assert tr.model.fusion.unimodal_bias == "full"
+    tr = _tiny_trainer(2, "gated")
+    assert tr.model.fusion.unimodal == "self"
+    over = {"model.fusion_options": {"unimodal_bias": "share"}}
+    data = tiny_data(n=48, hidden=[8], dropout=0.0)
+    assert Trainer(quick_config("arl", **over), data=data).model.fusion.unimodal_bias == "share"
+
+
+def test_degenerate_statistics_fall_back_to_uniform_shares():
+    """All-zero unimodal logits (no dependence on any modality): c falls back to 1/M; a modality
+    with a single present sample still counts."""
+    z = [torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(4, 3)]
+    k, c, v, w = arl_coefficients(z, torch.arange(4) % 3)
+    assert torch.allclose(c, torch.full((3,), 1 / 3)) and torch.allclose(k, torch.full((3,), 1 / 3), atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    zs = [torch.randn(4, 3, generator=g) * 4, torch.randn(4, 3, generator=g)]
+    masks = [torch.tensor([True, True, True, True]), torch.tensor([True, False, False, False])]
+    k, c, v, w = arl_coefficients_from_statistics(arl_batch_statistics(zs, torch.arange(4) % 3, masks))
+    assert float(c[1]) > 0 and float(k[1]) > 0  # one present sample is a statistic, not an absence
