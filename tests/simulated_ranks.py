@@ -94,3 +94,25 @@ def two_rank_step_grads(monkeypatch, make: Callable[[], Trainer], batch: Any) ->
     for n in g0:  # backward averaged them over the ranks: both ranks hold the same gradients
         assert torch.equal(g0[n], g1[n]), n
     return g0
+
+
+def two_ranks_vs_one(monkeypatch, make: Callable[[], Trainer], batch: Any, atol: float = 1e-6):
+    """One process's step on ``batch`` and two simulated ranks' steps on its halves: asserts the
+    ranks' gradients are identical and equal one process's (within ``atol``); returns the
+    one-process and rank-0 diagnostics for the caller's own checks."""
+    from helpers import capture_step_grads
+
+    single = make()
+    single.model.train()
+    expected = capture_step_grads(single, batch)
+    d1 = single.method.epoch_diagnostics()
+
+    def body(tr: Trainer, r: int):
+        tr.model.train()
+        return capture_step_grads(tr, shard_batch(batch, r)), tr.method.epoch_diagnostics()
+
+    (g0, d0), (g1, _) = run_two_ranks(monkeypatch, make, body)
+    for n in expected:
+        assert torch.allclose(g0[n], expected[n], atol=atol), n
+        assert torch.equal(g0[n], g1[n]), n
+    return d1, d0

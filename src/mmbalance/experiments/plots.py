@@ -177,16 +177,20 @@ def bar_chart(out: str | Path, name: str, categories: Sequence[str], series: Map
         ax.set_ylim(max(0.0, lo - 0.1 * (max(vals) - lo + 1e-9) - 0.02), None)
     if zero_line:
         ax.axhline(0.0, color="black", lw=0.8)
+    return _save(plt, fig, ax, out / f"{name}.png", ylabel, title, len(series) > 1), csv_path
+
+
+def _save(plt: Any, fig: Any, ax: Any, png: Path, ylabel: str, title: str, legend: bool) -> Path:
+    """Label, title, legend; write the PNG (no metadata text: reproducible bytes); close."""
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
-    if len(series) > 1:
+    if legend:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    png = out / f"{name}.png"
     fig.savefig(png, dpi=110, metadata=PNG_METADATA)
     plt.close(fig)
-    return png, csv_path
+    return png
 
 
 def line_chart(out: str | Path, name: str, x: Sequence[float], series: Mapping[str, Sequence[Point]], xlabel: str,
@@ -208,16 +212,7 @@ def line_chart(out: str | Path, name: str, x: Sequence[float], series: Mapping[s
         errs = [0.0 if p[1] is None else p[1] for p in pts if p[0] is not None]
         ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", ms=3, capsize=2, label=s)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=10)
-    if len(series) > 1:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    png = out / f"{name}.png"
-    fig.savefig(png, dpi=110, metadata=PNG_METADATA)
-    plt.close(fig)
-    return png, csv_path
+    return _save(plt, fig, ax, out / f"{name}.png", ylabel, title, len(series) > 1), csv_path
 
 
 # ----------------------------------------------------------------------------- specific plots
