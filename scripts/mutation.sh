@@ -15,7 +15,8 @@ export OMP_NUM_THREADS=1
 # the tests that exercise each module directly (the slow CLI and two-process suites are left out)
 declare -A TESTS=([metrics]="tests/test_evaluation.py" [probe]="tests/test_evaluation.py"
                   [shapley]="tests/test_valuation.py" [contribution]="tests/test_valuation.py"
-                  [valuation]="tests/test_valuation.py" [base]="tests/test_joint.py tests/test_arl.py")
+                  [valuation]="tests/test_valuation.py" [base]="tests/test_joint.py tests/test_arl.py"
+                  [joint]="tests/test_joint.py" [unimodal]="tests/test_joint.py")
 mods=("$@")
 if [ ${#mods[@]} -eq 0 ]; then
   mods=(metrics probe shapley contribution)

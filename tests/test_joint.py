@@ -89,3 +89,20 @@ def test_joint_option_is_typed():
         create_method("joint", unimodal_weight=-0.5)
     assert str(e.value) == "method 'joint' option 'unimodal_weight' takes a number >= 0, got -0.5"
     assert create_method("joint", unimodal_weight="1e-1").unimodal_weight == 0.1
+
+
+def test_unimodal_modality_by_position_and_its_own_concat_head():
+    tr = _trainer("unimodal", fusion="sum", modality="1")
+    assert tr.modalities == ["b"] and tr.method.modality == "b"
+    assert type(tr.model.fusion).__name__ == "ConcatFusion"  # its own linear head, whatever --fusion says
+    with pytest.raises(ConfigError, match="unimodal: unknown modality '2'; modalities: a, b"):
+        _trainer("unimodal", modality="2")
+    assert "loss" in tr.method.training_step(_batch(tr))
+
+
+def test_joint_step_reports_its_loss():
+    tr = _trainer("joint")
+    b = _batch(tr)
+    with torch.no_grad():
+        want = float(F.cross_entropy(tr.model(b["inputs"], b["present"]).logits, b["label"]))
+    assert tr.method.training_step(b)["loss"] == pytest.approx(want, rel=1e-6)

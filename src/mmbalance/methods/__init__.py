@@ -5,6 +5,7 @@ registers its method(s) with :func:`register_method`; modules are discovered aut
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from typing import Any
@@ -44,6 +45,7 @@ def method_metadata(name: str) -> dict[str, object]:
             "step_cost": _step_costs().get(name)}
 
 
+@functools.lru_cache(maxsize=1)
 def _step_costs() -> dict[str, float]:
     import csv
     from importlib import resources
