@@ -129,6 +129,8 @@ def test_tune_with_a_three_trial_budget_for_every_method(tmp_path, capsys):
         best = max(t["val"] for t in r["trials"])
         assert r["trials"][r["chosen_trial"]]["val"] == best and r["chosen"] == r["trials"][r["chosen_trial"]]["setting"]
         final = json.loads((out / "final" / m / "seed0" / "results.json").read_text())
+        trial = json.loads((out / "trials" / f"{m}-t{r['chosen_trial']}" / "seed0" / "results.json").read_text())
+        assert final["test"] == trial["test"] and final["fingerprint"] == trial["fingerprint"]  # reused, not retrained
         for k, v in r["chosen"].items():
             if "." not in k:
                 assert final["method_options"][k] == v

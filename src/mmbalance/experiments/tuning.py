@@ -8,7 +8,8 @@ learning rate and weight decay). ``tune`` draws ``trials`` settings per method f
 generator seeded by (tuning seed, method name) — the first trial is always the method's
 defaults — trains each once (seed ``seeds[0]``), selects the setting with the best validation
 metric of the validation-selected checkpoint (``select``: accuracy, macro_f1 or map; ties go to
-the earlier trial), then trains the chosen setting over every seed. The test split is never
+the earlier trial), then trains the chosen setting over every seed (the first seed's run is the chosen trial's own
+run, copied, since its configuration and seed are the same). The test split is never
 looked at before the final runs, and then once per run.
 
 Folder layout: ``OUT/trials/<method>-t<k>/seed<s>`` (the search), ``OUT/final/<method>/seed<s>``
@@ -145,6 +146,17 @@ def _spec(label: str, method: str, setting: Mapping[str, Any]) -> RunSpec:
     return RunSpec(label, method, dict(setting))
 
 
+def _reuse_search_run(trial_dir: Path, final_dir: Path) -> None:
+    """The chosen trial already trained the final run of the first seed (same configuration,
+    same seed): copy its folder instead of training it again. The runner still checks the copy's
+    fingerprint against the final run's configuration and retrains it on any difference."""
+    import shutil
+
+    if (trial_dir / "results.json").is_file() and not final_dir.exists():
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(trial_dir, final_dir)
+
+
 def tune(methods: Sequence[str], trials: int, seeds: Sequence[int], output_dir: str | Path,
          config: str | Path | Sequence[str | Path] | None = None, overrides: Mapping[str, Any] | None = None,
          select: str = "accuracy", tune_seed: int = 0, jobs: int = 1, shared: bool = True,
@@ -178,6 +190,7 @@ def tune(methods: Sequence[str], trials: int, seeds: Sequence[int], output_dir: 
         best = max(scored, key=lambda r: (r["val"] if r["val"] is not None else -1.0, -r["trial"]))
         record["methods"][m] = {"chosen": best["setting"], "chosen_trial": best["trial"], "trials": scored}
         chosen_specs.append(_spec(m, m, best["setting"]))
+        _reuse_search_run(out / "trials" / f"{m}-t{best['trial']}" / f"seed{seeds[0]}", out / "final" / m / f"seed{seeds[0]}")
     final = run_experiment(chosen_specs, seeds, out / "final", config, dict(overrides or {}), jobs=jobs,
                            command=command)
     if final.get("unfinished"):
