@@ -106,3 +106,51 @@ def test_joint_step_reports_its_loss():
     with torch.no_grad():
         want = float(F.cross_entropy(tr.model(b["inputs"], b["present"]).logits, b["label"]))
     assert tr.method.training_step(b)["loss"] == pytest.approx(want, rel=1e-6)
+
+
+# ---- methods/base.py helpers (found by mutation testing: docs/testing.md)
+
+def test_a_methods_own_fusion_does_not_inherit_the_specs_fusion_options():
+    import dataclasses
+
+    from mmbalance.methods.base import build_standard_model
+
+    tr = Trainer(quick_config("joint", epochs=1), data=tiny_data())
+    spec = dataclasses.replace(tr.spec, fusion="gated", fusion_options={"condition": "b"})
+    assert build_standard_model(spec).fusion.condition == "b"  # the spec's own fusion gets its options
+    model = build_standard_model(spec, fusion="gated")  # a method naming its fusion starts from none
+    assert model.fusion.condition != "b"
+    assert build_standard_model(spec, fusion="gated", condition="b").fusion.condition == "b"
+
+
+def test_in_window_defaults_to_every_epoch_for_methods_without_a_window():
+    from mmbalance.methods.base import Method
+
+    class NoWindow(Method):
+        pass
+
+    class Window(Method):
+        modulation_start, modulation_end = 2, 4
+
+    m = NoWindow.__new__(NoWindow)
+    assert all(m.in_window(e) for e in (0, 1, 50))
+    w = Window.__new__(Window)
+    assert [w.in_window(e) for e in range(6)] == [False, False, True, True, True, False]
+
+
+def test_present_ce_normalises_by_the_global_count_times_the_world_size():
+    from mmbalance.methods.base import Method
+
+    class FakeTrainer:
+        world_size = 2
+
+        def all_reduce_sum(self, t):  # the other rank holds 3 present samples
+            return t + 3
+
+    m = Method.__new__(Method)
+    m.trainer = FakeTrainer()
+    logits, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    present = torch.tensor([True, False, True, True])
+    ce = F.cross_entropy(logits, y, reduction="none")
+    expected = (ce * present).sum() * 2 / (3 + 3)
+    assert torch.allclose(m.present_ce(logits, y, present), expected)
