@@ -70,8 +70,23 @@ def shapley_numerators(values: Tensor) -> Tensor:
     v = values.round().to(torch.int64) if values.is_floating_point() else values.to(torch.int64)
     if values.is_floating_point() and not bool((v.to(values.dtype) == values).all()):
         raise ValueError("shapley_numerators needs an integer-valued game")
-    A = shapley_integer_matrix(M).to(v.device)
-    return (A @ v.reshape(n, -1)).reshape(M, *values.shape[1:])
+    return _exact_integer_product(shapley_integer_matrix(M), v.reshape(n, -1)).reshape(M, *values.shape[1:])
+
+
+def _exact_integer_product(A: Tensor, v: Tensor, float64: bool | None = None) -> Tensor:
+    """``A @ v`` for int64 matrices, exactly, on v's device.
+
+    CPU: int64 matmul. Elsewhere (CUDA has no integer matmul): float64 matmul, exact because
+    every partial sum is an integer below 2^53 in magnitude (checked: ``sum |A_i| * max |v|``);
+    past that bound the product is formed on the CPU. ``float64`` forces the choice (tests).
+    """
+    use_float = v.device.type != "cpu" if float64 is None else float64
+    if use_float:
+        bound = int(A.abs().sum(1).max()) * int(v.abs().max()) if v.numel() else 0
+        if bound < 2**53:
+            return (A.to(device=v.device, dtype=torch.float64) @ v.to(torch.float64)).round().to(torch.int64)
+        return (A @ v.cpu()).to(v.device)
+    return A.to(v.device) @ v
 
 
 def shapley_values(values: Tensor) -> Tensor:

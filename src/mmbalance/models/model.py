@@ -94,7 +94,9 @@ class MultimodalModel(nn.Module):
         was_training = enc.training
         enc.eval()
         try:
-            x = torch.zeros((1, *self.input_shapes[m]), device=reference.device)
+            w = next((p for p in enc.parameters() if p.is_floating_point()), None)  # the encoder's dtype
+            x = torch.zeros((1, *self.input_shapes[m]), device=reference.device,
+                            dtype=w.dtype if w is not None else torch.get_default_dtype())
             out = enc(x).to(reference.dtype)
         finally:
             enc.train(was_training)
