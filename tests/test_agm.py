@@ -346,3 +346,38 @@ def test_resume_state_round_trip_gives_the_same_next_step():
     for n in ga:
         assert torch.equal(ga[n], gb[n]), n
     assert torch.equal(a.method.score_mean, b.method.score_mean) and b.method.iteration == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the conditional clip without a host-side branch
+from mmbalance.methods.agm import clip_grad_norm_where_
+from test_precision import count_synchronisations
+
+
+@pytest.mark.parametrize("torch_api", ["get_total_norm", "fallback"])
+def test_conditional_clip_on_the_device_is_clip_grad_norm_or_nothing(torch_api, monkeypatch):
+    """Condition True: exactly ``clip_grad_norm_`` (bit-identical with the torch pieces it is
+    made of; the fallback for older torch within rounding); False: the gradients untouched. The
+    condition is never read on the host; parameters without a gradient are skipped."""
+    if torch_api == "fallback":
+        monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 4), (4,), (3, 6), (2,)]
+    grads = [torch.randn(s, generator=g) * 2.0 for s in shapes]
+    for cond in (True, False):
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes] + [torch.nn.Parameter(torch.zeros(3))]
+        ref = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+        for p, q, t in zip(params, ref, grads):
+            p.grad, q.grad = t.clone(), t.clone()
+        _, n = count_synchronisations(lambda: clip_grad_norm_where_(params, 0.5, torch.tensor(cond)))
+        assert n == 0 and params[-1].grad is None
+        if cond:
+            torch.nn.utils.clip_grad_norm_(ref, 0.5)
+            total = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params[:-1])))
+            assert total == pytest.approx(0.5, rel=1e-5)
+        for p, q in zip(params, ref):
+            if torch_api == "get_total_norm" or not cond:
+                assert torch.equal(p.grad, q.grad)
+            else:
+                assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=0)
+    clip_grad_norm_where_([torch.nn.Parameter(torch.zeros(2))], 1.0, torch.tensor(True))  # no gradient: no-op

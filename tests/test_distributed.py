@@ -1,7 +1,10 @@
 """Two processes on CPU (gloo), for every registered method, with all modalities present and with
 each modality missing at rate 0.5, and with one modality missing from 90% of the samples: the two replicas stay identical (every rank made the same
 collective calls and applied the same update) and equal one process on the same global batch.
-The sharded sampler reproduces a single process's shuffle exactly.
+The sharded sampler reproduces a single process's shuffle exactly. The gradient all-reduce
+overlapped with backward leaves replicas bit-identical to the synchronous one (methods that
+call backward several times, ``retain_graph``, ``inputs=``, accumulation), and the sharded
+evaluation equals one process's.
 
 The two ranks run every (method, case) pair in one pair of worker processes (importing torch
 twice per pair would cost more than the training), started once per test session; the
@@ -135,13 +138,16 @@ def _run_pairs(pairs, out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(tmp_path_factory):
-    """Run both ranks over every (method, case) in the background; yield a function that waits
-    for them and returns one pair's result per rank (or fails with the ranks' error)."""
+def two_process_runs(tmp_path_factory, request):
+    """Run both ranks over every selected (method, case) in the background (``-k joint`` runs
+    joint's pairs only); yield a function that waits for them and returns one pair's result per
+    rank (or fails with the ranks' error)."""
     import threading
 
+    selected = [tuple(item.callspec.params[k] for k in ("method", "case")) for item in request.session.items
+                if getattr(item, "originalname", None) == "test_two_processes_identical_replicas_equal_one_process"]
     out = tmp_path_factory.mktemp("ddp")
-    thread = threading.Thread(target=_run_pairs, args=(PAIRS, out), daemon=True)
+    thread = threading.Thread(target=_run_pairs, args=([pc for pc in PAIRS if pc in selected], out), daemon=True)
     thread.start()
 
     def get(method: str, case: str):
@@ -172,3 +178,171 @@ def test_two_processes_identical_replicas_equal_one_process(two_process_runs, me
         assert torch.allclose(v.float(), r0["model"][k].float(), atol=5e-5, rtol=1e-4), \
             f"{k} differs from one process by {float((v.float() - r0['model'][k].float()).abs().max()):.2e}"
     assert abs(single_res["test"]["accuracy"] - r0["test"]["accuracy"]) < 1e-9
+
+
+# ------------------------------------------------------------------ overlapped all-reduce, sharded evaluation
+def _two_ranks(worker: str, out: Path, *args: str, timeout: float = 600) -> None:
+    """Run ``worker`` as ranks 0 and 1 of a gloo group (FileStore in ``out``); fail with their
+    output when either fails."""
+    procs = []
+    for r in range(2):
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", worker, str(out), str(Path(__file__).parent), *args],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    logs = []
+    for p in procs:
+        try:
+            o, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            o, _ = p.communicate()
+        logs.append(o.decode(errors="replace")[-3000:])
+    if any(p.returncode for p in procs):
+        pytest.fail("a rank failed:\n" + "\n".join(f"rank {r}:\n{log}" for r, log in enumerate(logs)))
+
+
+# methods that call backward more than once per step (MLA per modality, MIE with SAM, MMPareto
+# with retain_graph), run their own backward + average_gradients (G-Blending), or change the
+# gradient after backward (OGM-GE), and joint
+OVERLAP_METHODS = ["joint", "mla", "mie", "mmpareto", "gblending", "ogm_ge", "arl"]
+OVERLAP_CASES = {"joint": ["full", "missing"]}
+OVERLAP_PAIRS = [(m, c) for m in OVERLAP_METHODS for c in OVERLAP_CASES.get(m, ["missing"])]
+
+WORKER_OVERLAP = r"""
+import datetime, json, os, sys
+import torch, torch.distributed as dist
+out, tests = sys.argv[1], sys.argv[2]
+sys.path.insert(0, tests)
+torch.set_num_threads(1)
+import test_distributed as T, test_reducer as R
+from mmbalance.config import load_config
+from mmbalance.engine import Trainer, distributed as D
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", store=dist.FileStore(f"{out}/store", 2), rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))
+launched = {"in_backward": 0, "flushed": 0}
+finish = D.GradReducer.finish
+def counting(self):
+    finish(self)
+    launched["in_backward"] += self.launches["launched_in_backward"]
+    launched["flushed"] += self.launches["flushed"]
+D.GradReducer.finish = counting
+res = {}
+for method, case in json.loads(sys.argv[3]):
+    for mode, mb in (("overlap", 0.0005), ("sync", 0.0)):  # 0.0005 MB: buckets of a few layers
+        launched.update(in_backward=0, flushed=0)
+        tr = Trainer(load_config(None, {**T.overrides(method), "train.epochs": 2, "train.bucket_mb": mb}),
+                     data=T.data(case))
+        tr.fit()
+        res[f"{method}-{case}-{mode}"] = {"model": tr.model.state_dict(), "launched": dict(launched)}
+# backward sequences through trainer.backward on a plain model, each rank with its own data
+for mode, mb in (("overlap", 0.0005), ("sync", 0.0)):
+    tr = Trainer(load_config(None, {**T.overrides("joint"), "train.bucket_mb": mb}), data=T.data("full"))
+    for name in ("accumulate", "retain", "inputs", "partial"):
+        tr.model = R.mlp()
+        R.scenarios(tr.model, seed=1 + rank)[name](tr.backward)
+        res[f"scenario-{name}-{mode}"] = {"grads": [None if p.grad is None else p.grad for p in tr.model.parameters()]}
+for method in json.loads(sys.argv[4]):  # sharded evaluation
+    res[f"eval-{method}"] = T.eval_outputs(T.eval_trainer(method))
+torch.save(res, f"{out}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def overlap_and_eval_runs(tmp_path_factory):
+    """Both ranks' results of WORKER_OVERLAP (one pair of processes for the two tests below)."""
+    out = tmp_path_factory.mktemp("overlap")
+    _two_ranks(WORKER_OVERLAP, out, json.dumps(OVERLAP_PAIRS), json.dumps(EVAL_METHODS))
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_overlapped_all_reduce_replicas_bit_identical_to_synchronous(overlap_and_eval_runs):
+    """Two gloo processes, each method trained with the bucketed reducer (buckets of a few
+    layers, so several are launched during every backward) and with the synchronous all-reduce:
+    the weights are bit-identical between the two paths and between the ranks; backward
+    sequences through ``trainer.backward`` (accumulation, ``retain_graph``, ``inputs=``, a
+    partial backward) give the synchronous gradients exactly, and their mean over the two
+    ranks' data."""
+    r0, r1 = overlap_and_eval_runs
+    for method, case in OVERLAP_PAIRS:
+        tag = f"{method}-{case}"
+        over, sync = r0[f"{tag}-overlap"], r0[f"{tag}-sync"]
+        assert over["launched"]["in_backward"] > 0, f"{tag}: no bucket launched during backward"
+        assert sync["launched"]["in_backward"] == 0
+        for k, v in sync["model"].items():
+            assert torch.equal(over["model"][k], v), f"{tag}: overlapped differs from synchronous at {k}"
+            assert torch.equal(r1[f"{tag}-overlap"]["model"][k], v), f"{tag}: replicas differ at {k}"
+    from test_reducer import mlp, scenarios
+
+    for name in ("accumulate", "retain", "inputs", "partial"):
+        sync = r0[f"scenario-{name}-sync"]["grads"]
+        for got in (r0[f"scenario-{name}-overlap"]["grads"], r1[f"scenario-{name}-overlap"]["grads"],
+                    r1[f"scenario-{name}-sync"]["grads"]):
+            assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(got, sync)), name
+        # one process: averaging after every backward is linear, so the result is the mean of
+        # the two ranks' accumulated gradients
+        per_rank = []
+        for r in range(2):
+            model = mlp()
+            scenarios(model, seed=1 + r)[name](lambda loss, **kw: loss.backward(**kw))
+            per_rank.append([p.grad for p in model.parameters()])
+        for a, b, s in zip(*per_rank, sync):
+            assert (s is None) == (a is None) == (b is None), name
+            if s is not None:
+                assert torch.allclose(s, (a + b) / 2, atol=1e-5), name
+
+
+EVAL_METHODS = ["joint", "qmf", "mla"]
+
+
+def eval_trainer(method: str) -> Trainer:
+    """An untrained model (same seed: same weights on every process) over a validation split of
+    25 samples (odd: the shards differ in size) with missing modalities."""
+    over = {**overrides(method), "train.eval_batch_size": 4, "train.probe": True}
+    return Trainer(load_config(None, over), data=tiny_data(n=30, n_eval=25, seed=5, missing=0.5))
+
+
+def eval_outputs(tr: Trainer) -> dict:
+    from torch.utils.data import Subset
+
+    seen = []
+    predict = tr.method.predict
+    tr.method.predict = lambda batch: (seen.append(len(batch["label"])), predict(batch))[1]
+    logits, uni, labels = tr.predict_split(tr.data.val)
+    tr.method.predict = predict
+    feats, pres, flabels = tr.encoder_features(tr.data.val)
+    one = tr.predict_split(Subset(tr.data.val, [3]))  # one sample: rank 1's shard is empty
+    return {"val": tr.evaluate("val", probe=True), "test": tr.evaluate("test"), "logits": logits, "uni": uni,
+            "labels": labels, "feats": feats, "present": pres, "feat_labels": flabels,
+            "one": {"logits": one[0], "uni": one[1], "labels": one[2]}, "predicted": sum(seen)}
+
+
+def test_sharded_evaluation_equals_one_process(overlap_and_eval_runs):
+    """Two processes each predict half of the split (25 samples: 13 and 12) and gather: the
+    logits, features, presence and labels are those of one process in the split's order, and
+    the metrics (probe accuracy included) are equal, on both ranks."""
+    r0, r1 = overlap_and_eval_runs
+    torch.set_num_threads(1)
+    for method in EVAL_METHODS:
+        single = eval_outputs(eval_trainer(method))
+        for got in (r0[f"eval-{method}"], r1[f"eval-{method}"]):
+            assert torch.equal(got["labels"], single["labels"]) and torch.equal(got["feat_labels"], single["labels"])
+            assert torch.allclose(got["logits"], single["logits"], atol=1e-6), method
+            for m in single["uni"]:
+                assert torch.allclose(got["uni"][m], single["uni"][m], atol=1e-6), (method, m)
+                assert torch.allclose(got["feats"][m], single["feats"][m], atol=1e-6), (method, m)
+                assert torch.equal(got["present"][m], single["present"][m]), (method, m)
+            assert got["present"]["a"].dtype == torch.bool and not got["present"]["a"].all()
+            for split in ("val", "test"):
+                assert _metrics(got[split]) == _metrics(single[split]), (method, split)
+                assert got[split]["loss"] == pytest.approx(single[split]["loss"], abs=1e-6)
+            assert torch.equal(got["one"]["labels"], single["one"]["labels"])
+            assert torch.allclose(got["one"]["logits"], single["one"]["logits"], atol=1e-6)
+        assert r0[f"eval-{method}"]["val"] == r1[f"eval-{method}"]["val"]  # every rank computes the same metrics
+        assert (single["predicted"], r0[f"eval-{method}"]["predicted"], r1[f"eval-{method}"]["predicted"]) == (25, 13, 12)
+
+
+def _metrics(res: dict) -> dict:
+    """Every metric but the loss (a float compared to tolerance)."""
+    return {k: v for k, v in res.items() if k != "loss"}

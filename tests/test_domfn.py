@@ -67,6 +67,20 @@ def _trainer(missing=0.0, mods=("a", "b"), **method):
     return Trainer(cfg, data=tiny_data(48, mods, hidden=[8], dropout=0.0, missing=missing))
 
 
+def _losses(tr, batch):
+    """``method.losses`` with its diagnostics read back as numbers: a per-modality entry is a
+    device pair (value, weight), weight 0 when the modality is absent from the global batch."""
+    loss, diag = tr.method.losses(batch)
+    out = {}
+    for k, v in diag.items():
+        if isinstance(v, tuple):
+            if bool(v[1]):
+                out[k] = float(v[0])
+        else:
+            out[k] = float(v)
+    return loss, out
+
+
 def _batch(tr, seed=0):
     return next(iter(tr.loader(tr.data.train, batch_size=24, shuffle=True, seed=seed)))
 
@@ -139,7 +153,7 @@ def test_training_step_equals_the_per_instance_steps(reference, sigmoid):
 def test_instances_that_are_not_fused_train_only_their_own_networks():
     tr = _trainer(tau=1e-9)  # nothing is fused
     batch = _batch(tr)
-    loss, d = tr.method.losses(batch)
+    loss, d = _losses(tr, batch)
     assert d["fused_fraction"] == 0.0
     model = tr.model
     loss.backward()
@@ -228,7 +242,7 @@ def test_missing_modalities_leave_their_terms_gate_and_selection():
     batch = _batch(tr)
     pres = batch["present"]
     assert not pres["a"].all()
-    loss, d = tr.method.losses(batch)
+    loss, d = _losses(tr, batch)
     out = tr.model(batch["inputs"], pres)
     y = batch["label"]
     ce = {m: F.cross_entropy(out.unimodal_logits[m], y, reduction="none") for m in ("a", "b")}
@@ -237,7 +251,7 @@ def test_missing_modalities_leave_their_terms_gate_and_selection():
     i = int(torch.nonzero(~pres["a"])[0])
     batch2 = {**batch, "label": batch["label"].clone()}
     batch2["label"][i] = (batch2["label"][i] + 1) % 3
-    _, d2 = tr.method.losses(batch2)
+    _, d2 = _losses(tr, batch2)
     assert d2["loss_a"] == pytest.approx(d["loss_a"], rel=1e-6) and d2["penalty_a"] == pytest.approx(d["penalty_a"])
     tr.model.eval()
     with torch.no_grad():
@@ -271,3 +285,23 @@ def test_two_processes_with_missing_modalities_equal_one_process(monkeypatch):
         assert torch.equal(g0[n], g1[n]), n
     for k in d1:
         assert d0[k] == pytest.approx(d1[k], rel=1e-5), k
+
+
+def test_a_modality_absent_from_the_whole_batch_leaves_its_diagnostics_out():
+    """Per-modality diagnostics are logged on the device with weight 0 when the modality has no
+    sample in the global batch: the epoch mean is over the steps where it had some."""
+    import math
+
+    tr = _trainer(missing=0.3)
+    batch = _batch(tr)
+    tr.model.train()
+    only_a = {**batch, "present": {"a": torch.ones_like(batch["present"]["a"]),
+                                   "b": torch.zeros_like(batch["present"]["b"])}}
+    tr.method.training_step(only_a)
+    d = tr.method.epoch_diagnostics()
+    assert "loss_b" not in d and "penalty_b" not in d and math.isfinite(d["loss_a"])
+    _, want = _losses(tr, batch)  # the same model state as the step below sees
+    tr.method.training_step(batch)
+    tr.method.training_step(only_a)
+    d = tr.method.epoch_diagnostics()
+    assert d["loss_b"] == pytest.approx(want["loss_b"], rel=1e-6)  # the one step that had b

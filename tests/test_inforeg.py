@@ -365,3 +365,60 @@ def test_two_processes_with_missing_modalities_equal_one_process(monkeypatch):
     assert h0 == h1
     for m in ("a", "v"):
         assert h0[m] == pytest.approx(single.method.history[m], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rule on the device: the same numbers as the rule in plain Python, nothing read back
+from test_precision import count_synchronisations
+
+
+def _host_betas(scores, beta, in_window, counts=None):
+    """The rule of :func:`inforeg_betas` in plain Python (float64), as float32 tensors."""
+    s = [float(x) for x in scores]
+    on = [True] * len(s)
+    if counts is not None:
+        n = [float(x) for x in counts]
+        top = max(n)
+        s = [si * top / ni if ni > 0 else 0.0 for si, ni in zip(s, n)]
+        on = [ni > 0 for ni in n]
+    gap, b = [0.0] * len(s), [0.0] * len(s)
+    k = sum(on)
+    if k >= 2:
+        total = sum(x for x, o in zip(s, on) if o)
+        for m in range(len(s)):
+            if on[m]:
+                gap[m] = s[m] - (total - s[m]) / (k - 1)
+                if gap[m] > 0 and in_window[m]:
+                    b[m] = beta * math.exp(math.tanh(gap[m]))
+    return torch.tensor(b), torch.tensor(gap)
+
+
+def test_betas_on_the_device_equal_the_plain_python_rule():
+    g = torch.Generator().manual_seed(4)
+    for trial in range(300):
+        M = 2 + trial % 3
+        scores = (torch.rand(M, generator=g, dtype=torch.float64) * 40).round(decimals=trial % 4)
+        counts = torch.randint(0, 4, (M,), generator=g).double() * 8 if trial % 2 else None
+        window = [bool(v) for v in torch.rand(M, generator=g) < 0.8]
+        (b, gap), n = count_synchronisations(lambda: inforeg_betas(scores, 0.95, window, counts))
+        want_b, want_gap = _host_betas(scores, 0.95, window, counts)
+        assert n == 0 and b.dtype == gap.dtype == torch.float32
+        assert torch.equal(b, want_b) and torch.equal(gap, want_gap), (scores, counts, window)
+
+
+def test_proximal_pull_with_a_device_beta_equals_the_float_one():
+    g = torch.Generator().manual_seed(1)
+    shapes = [(5, 3), (3,)]
+    anchors = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    for beta in (0.0, 1.7321):
+        a = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(9))) for s in shapes]
+        b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+        for p, q, t in zip(a, b, grads):
+            p.grad, q.grad = t.clone(), t.clone()
+        proximal_pull_(a, anchors, beta)
+        _, n = count_synchronisations(lambda: proximal_pull_(b, anchors, torch.tensor(beta)))
+        assert n == 0
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(a, b))
+        if beta == 0.0:  # a zero coefficient leaves the gradients exactly as they were
+            assert all(torch.equal(q.grad, t) for q, t in zip(b, grads))

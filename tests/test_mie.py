@@ -63,6 +63,29 @@ def test_sam_perturbation_global_norm():
     assert math.sqrt(sum(float(e.pow(2).sum()) for e in eps)) == pytest.approx(2.0)  # ||eps|| = rho
     eps0, n0 = sam_perturbation([torch.zeros(3)], rho=1.0)
     assert n0 == 0.0 and torch.equal(eps0[0], torch.zeros(3))
+    # the norm stays a device tensor: nothing is read back to the host
+    from test_precision import count_synchronisations
+
+    (_, norm), n_sync = count_synchronisations(lambda: sam_perturbation(g, rho=2.0))
+    assert n_sync == 0 and isinstance(norm, torch.Tensor) and float(norm) == pytest.approx(5.0)
+
+
+def test_present_rows_with_a_known_count_equal_mla_present_rows():
+    """The rows of a unimodal step gathered without boolean indexing (the count is known on the
+    host already): the same rows in the same order, the placeholder when none, the batch when
+    all; no host synchronisation."""
+    from mmbalance.methods.mie import present_rows_known
+    from mmbalance.methods.mla import present_rows
+    from test_precision import count_synchronisations
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(11, 3, 2, generator=g), torch.randint(0, 4, (11,), generator=g)
+    for rate in (0.0, 0.3, 0.8, 1.0):
+        present = torch.rand(11, generator=g) >= rate
+        want = present_rows(x, y, present)
+        got, n_sync = count_synchronisations(lambda: present_rows_known(x, y, present, int(want[2])))
+        assert n_sync == 0 and got[2:] == want[2:]
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_flat_gm_matrix_hand_values_and_rotation():
@@ -487,6 +510,9 @@ class Collectives:
 
         monkeypatch.setattr(tr, "all_reduce_sum", all_reduce_sum)
         monkeypatch.setattr(du, "average_gradients", average_gradients)
+        # the engine's synchronous averaging path (not the overlapped bucket reducer, which
+        # would call torch.distributed itself), so the stand-in above sees every averaging
+        monkeypatch.setattr(tr, "_grad_reducer", lambda: None, raising=False)
         monkeypatch.setattr(du, "broadcast_buffers", lambda module: self.calls.append(("broadcast_buffers",)))
 
 

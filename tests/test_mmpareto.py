@@ -319,3 +319,52 @@ def test_options_are_typed_and_cross_checked():
         create_method("mmpareto", gamma_scope="sometimes")
     m = create_method("mmpareto", gamma="2", rescale="tensor")
     assert m.gamma == 2.0 and m.hparams()["rescale"] == "tensor"
+
+
+# ---------------------------------------------------------------------------------------------
+# the rule on the device: both branches evaluated, the conflict selects (no host branch)
+from test_precision import count_synchronisations
+
+
+def _host_rule(g11, g12, g22, gamma, scope):
+    """MMPareto's rule with a host-side branch, in plain Python floats:
+    (c_mm, c_uni, cos, alpha, conflict, gamma applied, scale)."""
+    denom = math.sqrt(max(g11, 0.0) * max(g22, 0.0))
+    cos = g12 / denom if denom > 0 else 0.0
+    sum_norm = math.sqrt(max(g11 + 2 * g12 + g22, 0.0))
+    if cos < 0:
+        d = g11 + g22 - 2 * g12
+        a = 0.5 if d <= 1e-30 * max(g11 + g22, 1e-300) else min(max((g22 - g12) / d, 0.0), 1.0)
+        h = 2 * math.sqrt(max(a * a * g11 + 2 * a * (1 - a) * g12 + (1 - a) ** 2 * g22, 0.0))
+        s = gamma * sum_norm / h if h > 0 else 0.0
+        return 2 * a * s, 2 * (1 - a) * s, cos, a, True, gamma, gamma if h > 0 and sum_norm > 0 else 0.0
+    g = gamma if scope == "always" else 1.0
+    return g, g, cos, 0.5, False, g, g if sum_norm > 0 else 0.0
+
+
+def test_rule_on_the_device_matches_the_branching_rule_for_many_encoders_at_once():
+    """(M,) Gram entries give M encoders' rules in one call, each equal to the host-branching
+    rule (to float64 rounding), with no host synchronisation; degenerate cases included."""
+    gen = torch.Generator().manual_seed(0)
+    vecs = [(torch.randn(5, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64))
+            for _ in range(40)]
+    vecs += [(torch.ones(5, dtype=torch.float64), -torch.ones(5, dtype=torch.float64)),   # opposite, equal norms
+             (torch.ones(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)),    # zero unimodal gradient
+             (torch.ones(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64))]     # equal
+    G = torch.tensor([[float(a @ a), float(a @ b), float(b @ b)] for a, b in vecs], dtype=torch.float64)
+    for scope in ("conflict", "always"):
+        r, n = count_synchronisations(lambda: mmpareto_coefficients(G[:, 0], G[:, 1], G[:, 2], 1.5, scope))
+        assert n == 0 and r.conflict.dtype == torch.bool and r.c_mm.shape == (len(vecs),)
+        for i, row in enumerate(G.tolist()):
+            want = _host_rule(*row, 1.5, scope)
+            got = [float(r.c_mm[i]), float(r.c_uni[i]), float(r.cos[i]), float(r.alpha[i]), bool(r.conflict[i]),
+                   float(r.gamma[i]), float(r.scale[i])]
+            assert got[4] == want[4]
+            assert got[:4] + got[5:] == pytest.approx(list(want[:4]) + list(want[5:]), rel=1e-14, abs=1e-300), i
+    assert bool(torch.any(r.conflict)) and not bool(torch.all(r.conflict))
+    # the per-tensor rule with device coefficients: no host synchronisation either
+    g1, g2 = [torch.randn(4, 3), None, torch.randn(3)], [torch.randn(4, 3), None, None]
+    out, n = count_synchronisations(lambda: rescale_per_tensor(g1, g2, r.alpha[0], r.gamma[0]))
+    assert n == 0 and out[1] is None
+    ref = rescale_per_tensor(g1, g2, float(r.alpha[0]), float(r.gamma[0]))
+    assert all(torch.equal(a, b) for a, b in zip(out[::2], ref[::2]))

@@ -256,3 +256,32 @@ def test_a_resumed_step_replays_the_same_noise():
     gb = capture_step_grads(b, batch)
     for n in ga:
         assert torch.equal(ga[n], gb[n]), n
+
+
+# ---------------------------------------------------------------------------------------------
+# no host synchronisation: the coefficient and the noise scale stay on the device
+from test_precision import count_synchronisations
+
+
+def test_device_coefficient_modulates_as_the_float_rule_without_reading_it_back():
+    """k as a 0-d device tensor: g <- k g + std(g) N(0, 1), bit-identical to the scalar rule
+    written out (k and std(g) + 1e-8 as Python floats, noise from the same seeded generator;
+    a one-element tensor's std counts as 1e-8), and no host synchronisation."""
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(30, 7, generator=g) * 3.0, torch.randn(7, generator=g), torch.randn(1, generator=g)]
+    k = torch.tensor(0.3173)
+    params = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
+    for p, t in zip(params, grads):
+        p.grad = t.clone()
+    _, n = count_synchronisations(lambda: ogm_modulate_(params, k, True, torch.Generator().manual_seed(5)))
+    assert n == 0
+    noise_gen = torch.Generator().manual_seed(5)
+    for p, t in zip(params, grads):
+        std = float(t.std()) + 1e-8 if t.numel() > 1 else 1e-8
+        want = t.clone().mul_(float(k)).add_(torch.randn(t.shape, generator=noise_gen), alpha=std)
+        assert torch.equal(p.grad, want)
+    # without GE: exactly k * g
+    for p, t in zip(params, grads):
+        p.grad = t.clone()
+    ogm_modulate_(params, k, ge=False)
+    assert all(torch.equal(p.grad, t * float(k)) for p, t in zip(params, grads))

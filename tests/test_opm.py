@@ -314,3 +314,49 @@ def test_two_processes_with_missing_modalities_equal_one_process(monkeypatch):
         assert torch.equal(g0[n], g1[n]), n
     for k in ("q_a", "q_v", "removed", "dropped_a", "dropped_v"):
         assert d0[k] == pytest.approx(d1[k], rel=1e-6), k
+
+
+# ---------------------------------------------------------------------------------------------
+# the rule on the device: the same numbers as the rule in plain Python, nothing read back
+from test_precision import count_synchronisations
+
+
+def _host_q(scores, q_base, lam, counts=None, eps=1e-12):
+    """The rule of :func:`opm_drop_probabilities` in plain Python (float64), as float32 tensors."""
+    s = [float(x) for x in scores]
+    on, mean = [True] * len(s), s
+    if counts is not None:
+        n = [float(x) for x in counts]
+        on = [c > 0 for c in n]
+        mean = [si / ni if o else 0.0 for si, ni, o in zip(s, n, on)]
+    q, rho = [0.0] * len(s), [0.0] * len(s)
+    k = sum(on)
+    if k >= 2:
+        total = sum(x for x, o in zip(mean, on) if o)
+        for m in range(len(s)):
+            if on[m]:
+                rho[m] = mean[m] / max((total - mean[m]) / (k - 1), eps)
+                if rho[m] > 1.0:
+                    q[m] = min(max(q_base * (1.0 + lam * math.tanh(rho[m] - 1.0)), 0.0), 1.0)
+    return torch.tensor(q), torch.tensor(rho)
+
+
+def test_drop_probabilities_on_the_device_equal_the_plain_python_rule():
+    g = torch.Generator().manual_seed(3)
+    for trial in range(300):
+        M = 2 + trial % 3
+        scores = (torch.rand(M, generator=g, dtype=torch.float64) * 20).round(decimals=trial % 3)
+        counts = torch.randint(0, 3, (M,), generator=g).double() * 10 if trial % 2 else None
+        q_base, lam = (1.0, 2.0) if trial % 5 == 0 else (0.5, 0.5)
+        (q, rho), n = count_synchronisations(lambda: opm_drop_probabilities(scores, q_base, lam, counts))
+        want_q, want_rho = _host_q(scores, q_base, lam, counts)
+        assert n == 0 and torch.equal(q, want_q) and torch.equal(rho, want_rho), (scores, counts)
+
+
+def test_concat_rescale_on_the_device_equals_the_plain_python_factor():
+    for q in ([0.5, 0.0], [0.3, 0.9], [1.0, 1.0], [0.25, 0.0, 0.6]):
+        dims = [4, 12, 7][:len(q)]
+        qt = torch.tensor(q)
+        got, n = count_synchronisations(lambda: opm_rescale(qt, dims, "concat"))
+        theta = sum(d * float(x) for d, x in zip(dims, qt.double())) / sum(dims)
+        assert n == 0 and got.tolist() == [float(torch.tensor(1.0 / max(1.0 - theta, 1e-6)))] * len(q)

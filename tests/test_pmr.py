@@ -52,10 +52,19 @@ def test_distances_vectorised_equal_a_loop():
 
 
 def test_weaker_modality_rule():
-    assert pmr_weak_modalities([5.0, 3.0]) == [False, True]   # rho > 1: the second is weaker
-    assert pmr_weak_modalities([3.0, 5.0]) == [True, False]   # rho < 1: the first
-    assert pmr_weak_modalities([4.0, 4.0]) == [False, False]  # rho = 1: nobody
-    assert pmr_weak_modalities([2.0, 6.0, 6.0, 1.0]) == [True, False, False, True]
+    def weak(s):
+        return pmr_weak_modalities(s).tolist()
+
+    assert weak([5.0, 3.0]) == [False, True]   # rho > 1: the second is weaker
+    assert weak([3.0, 5.0]) == [True, False]   # rho < 1: the first
+    assert weak([4.0, 4.0]) == [False, False]  # rho = 1: nobody
+    assert weak([2.0, 6.0, 6.0, 1.0]) == [True, False, False, True]
+    assert weak([0.0, 0.0]) == [False, False]  # no positive score: nobody
+    # a device tensor in, a bool tensor out on the same device (no host round trip); a score one
+    # float32 step below the best is weaker (s / best < 1 and s < best agree)
+    s = torch.tensor([1.0, float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))])
+    w = pmr_weak_modalities(s)
+    assert w.dtype == torch.bool and w.device == s.device and w.tolist() == [False, True]
 
 
 def _cfg(**over):
@@ -76,7 +85,7 @@ def test_pce_gradient_reaches_only_the_weaker_modality():
     model, mods = tr.model, tr.model.modalities
     out = model(batch["inputs"], batch["present"])
     scores = [float(prototype_scores(out.features[m].detach(), tr.method.prototypes[m], y)) for m in mods]
-    weak = pmr_weak_modalities(scores)
+    weak = pmr_weak_modalities(scores).tolist()
     assert sum(weak) == 1
     grads = {}
     for name, extra in (("ce", []), *[(m, [m]) for m in mods]):
@@ -274,3 +283,41 @@ def test_two_processes_with_missing_modalities_equal_one_process(monkeypatch):
     got = two_rank_grads(make, batch, monkeypatch)
     for n in expected:
         assert torch.allclose(got[n], expected[n], atol=1e-6), n
+
+
+# ---------------------------------------------------------------------------------------------
+# missing modalities: masked on the device, equal to the step on each modality's present rows
+def test_absent_samples_take_no_part_in_the_prototype_terms():
+    """The step (every row scored, absent rows weighted 0 on the device) equals a reference that
+    keeps only each modality's present rows: the weaker modality's PCE is the mean over its
+    present samples, scores and diagnostics count present samples only. A modality absent from
+    the whole batch has no PCE or nearest-prototype diagnostic that epoch, and nothing is NaN."""
+    tr = Trainer(_cfg(**{"train.batch_size": 32, "train.seed": 5, "method.alpha": 0.8}),
+                 data=tiny_data(64, ("a", "v"), hidden=[8], dropout=0.0, missing=0.4, signal={"a": 2.0, "v": 0.3}))
+    tr.method.on_epoch_start(0)
+    batch = next(iter(tr.loader(tr.data.train, batch_size=32, shuffle=True, seed=1)))
+    pres, y = batch["present"], batch["label"]
+    assert not pres["a"].all() and not pres["v"].all()
+    tr.model.train()
+    ref = copy.deepcopy(tr.model)
+    out = ref(batch["inputs"], pres)
+    d = {m: prototype_logits(out.features[m][pres[m]], tr.method.prototypes[m]) for m in ("a", "v")}
+    ym = {m: y[pres[m]] for m in d}
+    s = [float(F.softmax(d[m].detach(), 1).gather(1, ym[m][:, None]).sum()) for m in ("a", "v")]
+    weak = "v" if s[0] > s[1] else "a"
+    (F.cross_entropy(out.logits, y) + 0.8 * F.cross_entropy(d[weak], ym[weak])).backward()
+    got = capture_step_grads(tr, batch)
+    for n, p in ref.named_parameters():
+        assert torch.allclose(got[n], p.grad, atol=1e-6), n
+    diag = tr.method.epoch_diagnostics()
+    assert diag[f"weak_{weak}"] == 1.0 and diag["rho"] == pytest.approx(s[0] / s[1], rel=1e-5)
+    for m in ("a", "v"):
+        assert diag[f"pce_{m}"] == pytest.approx(float(F.cross_entropy(d[m].detach(), ym[m])), rel=1e-5)
+        assert diag[f"proto_acc_{m}"] == pytest.approx(float((d[m].argmax(1) == ym[m]).float().mean()))
+    # v absent from the whole batch: no PCE for it, its diagnostics left out of the epoch
+    alone = {**batch, "present": {"a": torch.ones_like(pres["a"]), "v": torch.zeros_like(pres["v"])}}
+    stats = tr.method.training_step(alone)
+    diag = tr.method.epoch_diagnostics()
+    assert math.isfinite(float(stats["loss"])) and all(math.isfinite(v) for v in diag.values())
+    assert "pce_v" not in diag and "proto_acc_v" not in diag and "pce_a" in diag
+    assert diag["weak_v"] == 0.0 and "rho" not in diag  # v got no PCE; s_v = 0: no ratio

@@ -58,8 +58,10 @@ def _summary_line(results: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- commands
 # keys a resumed run may change: how it runs, plus the two a diverged run needs (recorded in its history)
+#: what computes the same numbers (speed and loader options) plus the two documented resume changes
 RESUME_MAY_CHANGE = {"train.stop_after_epochs", "train.progress", "train.device", "train.num_workers",
-                     "optim.lr", "optim.grad_clip"}
+                     "train.bucket_mb", "train.channels_last", "train.compile", "train.persistent_workers",
+                     "train.prefetch_factor", "optim.lr", "optim.grad_clip"}
 
 
 def cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -131,7 +133,8 @@ def cmd_evaluate(args: argparse.Namespace, rest: Sequence[str]) -> int:
     from .engine.checkpoint import write_json
 
     overrides = _split_overrides(rest)
-    allowed = {"train.device", "train.progress", "train.num_workers", "train.eval_batch_size", "train.probe"}
+    allowed = {"train.device", "train.progress", "train.num_workers", "train.eval_batch_size", "train.probe",
+               "train.channels_last", "train.compile", "train.persistent_workers", "train.prefetch_factor"}
     bad = [k for k in overrides if k not in allowed]
     if bad:
         raise ConfigError(f"evaluate cannot change {', '.join(bad)}; allowed: {', '.join(sorted(allowed))}")

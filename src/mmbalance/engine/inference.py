@@ -17,10 +17,11 @@ from ..utils import to_device
 
 @torch.no_grad()
 def predict_batches(method: Method, batches: Iterable[Mapping[str, Any]], modalities: list[str],
-                    autocast: Callable[[], ContextManager[Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor],
-                                                                             torch.Tensor]:
+                    autocast: Callable[[], ContextManager[Any]], num_classes: int | None = None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """Fused logits, unimodal logits per modality and labels over device ``batches`` (the
-    method's prediction rule), gathered on the CPU in float32."""
+    method's prediction rule), gathered on the CPU in float32. No batches (a process's empty
+    shard of a tiny split): ``(0, num_classes)`` logits and no labels."""
     logits, uni, labels = [], {m: [] for m in modalities}, []
     for batch in batches:
         with autocast():
@@ -29,6 +30,9 @@ def predict_batches(method: Method, batches: Iterable[Mapping[str, Any]], modali
         for m in modalities:
             uni[m].append(out.unimodal_logits[m].float().cpu())
         labels.append(batch["label"].cpu())
+    if not labels and num_classes is not None:
+        empty = torch.zeros(0, num_classes)
+        return empty, {m: empty.clone() for m in modalities}, torch.zeros(0, dtype=torch.long)
     return torch.cat(logits), {m: torch.cat(v) for m, v in uni.items()}, torch.cat(labels)
 
 

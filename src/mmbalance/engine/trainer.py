@@ -36,6 +36,7 @@ from ..models import MultimodalModel
 from ..registry import ConfigError
 from ..utils import epoch_seed, seed_everything, set_deterministic, to_device, worker_init_fn
 from . import distributed as dist_utils
+from .acceleration import LoaderPool, loader_options, prepare_model
 from .assembly import (amp_dtype, build_method, check_config, fusion_name, model_spec, resolve_config,
                        resolve_device, spec_to_dict)
 from .checkpoint import checkpoint_fingerprint
@@ -98,6 +99,8 @@ class Trainer:
         self.modalities = self.method.modalities(list(self.data.modalities))
         self.spec = model_spec(self.cfg, self.data, self.modalities)
         self.model: MultimodalModel = self.method.build_model(self.spec).to(self.device)
+        prepare_model(self.model, tc)  # train.channels_last, train.compile (engine/acceleration.py)
+        self._loader_pool = LoaderPool()  # loaders kept for the next pass with train.persistent_workers
         self.optimizer = build_optimizer(self.model.parameters(), self.cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, tc.epochs)
         self.epoch = 0
@@ -120,10 +123,16 @@ class Trainer:
         if shard and self.world_size > 1:
             sampler = dist_utils.ShardedSampler(len(dataset), int(g.initial_seed()), self.rank, self.world_size)
             bs, shuffle = bs // self.world_size, False
-        return DataLoader(dataset, batch_size=bs, shuffle=shuffle, sampler=sampler,
-                          generator=g, num_workers=nw, worker_init_fn=worker_init_fn if nw else None,
-                          drop_last=drop_last, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
+        opts = loader_options(self.cfg.train, self.device)
+
+        def build() -> DataLoader:
+            return DataLoader(dataset, batch_size=bs, shuffle=shuffle, sampler=sampler, generator=g, num_workers=nw,
+                              worker_init_fn=worker_init_fn if nw else None, drop_last=drop_last, **opts)
+
+        if opts["persistent_workers"]:  # the same loader next epoch, reseeded: the workers stay up
+            return self._loader_pool.get((id(dataset), bs, shuffle, drop_last, sampler is not None),
+                                         int(g.initial_seed()), build)
+        return build()
 
     # ------------------------------------------------------------------ helpers for methods
     def shard(self, dataset: Dataset) -> Dataset:
@@ -190,22 +199,55 @@ class Trainer:
                    if self.run_dir is not None and (self.run_dir / "last.pt").exists() else ""))
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        """Backward; with several processes the gradients are then averaged over ranks, so
-        whatever a method does to them next acts on the global-batch gradient. The L2 norm of
-        each encoder's gradient is accumulated on the device for ``metrics.jsonl``."""
+        """Backward; with several processes the gradients are averaged over ranks, bucket by
+        bucket while backward runs (:class:`~mmbalance.engine.distributed.GradReducer`) and
+        complete when this returns, so whatever a method does to them next acts on the
+        global-batch gradient. The L2 norm of each encoder's gradient is accumulated on the
+        device for ``metrics.jsonl``."""
         self.check_finite(loss)
         if self.loss_scale is None:
-            loss.backward(**kwargs)
-            dist_utils.average_gradients(self.model.parameters())
+            self._backward_averaged(loss, **kwargs)
         else:
-            (loss * self.loss_scale).backward(**kwargs)
-            dist_utils.average_gradients(self.model.parameters())  # an inf on any rank reaches every rank
+            self._backward_averaged(loss * self.loss_scale, **kwargs)  # an inf on any rank reaches every rank
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             if grads:
                 inv = torch.full((), 1.0 / self.loss_scale, device=self.device)
                 for dtype_group in _by_dtype(grads):
                     torch._amp_foreach_non_finite_check_and_unscale_(dtype_group, self._found_inf, inv)
         self._record_grad_norms()
+
+    def _backward_averaged(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """``loss.backward(**kwargs)``, then the model's gradients are the average over ranks:
+        overlapped with backward by the bucketed reducer, or, with ``bucket_mb`` 0, one
+        synchronous all-reduce per dtype afterwards (the same numbers)."""
+        reducer = self._grad_reducer()
+        if reducer is None:
+            loss.backward(**kwargs)
+            dist_utils.average_gradients(self.model.parameters())
+            return
+        reducer.begin([loss], kwargs.get("inputs"))
+        try:
+            loss.backward(**kwargs)
+        except BaseException:
+            reducer.active = False
+            raise
+        reducer.finish()
+
+    def _grad_reducer(self) -> dist_utils.GradReducer | None:
+        """The model's gradient reducer (rebuilt when its parameters or their ``requires_grad``
+        change); None on one process or when the synchronous path is chosen (``bucket_mb`` 0)."""
+        if self.world_size == 1 or not dist_utils.is_distributed():  # (tests simulate ranks without a group)
+            return None
+        mb = float(self.cfg.train.bucket_mb)
+        reducer: dist_utils.GradReducer | None = getattr(self, "_reducer", None)
+        if mb <= 0:
+            return None
+        params = list(self.model.parameters())
+        if reducer is None or reducer.bucket_mb != mb or not reducer.matches(params):
+            if reducer is not None:
+                reducer.remove()
+            reducer = self._reducer = dist_utils.GradReducer(params, mb)
+        return reducer
 
     @torch.no_grad()
     def _record_grad_norms(self) -> None:
@@ -370,6 +412,7 @@ class Trainer:
                 self._load_resume_state()
             return self._fit()
         finally:
+            self._loader_pool.close()
             if self.folder is not None:
                 self.folder.detach_log()
             for lg in getattr(self, "loggers", []):
@@ -486,21 +529,46 @@ class Trainer:
         }
 
     def predict_split(self, dataset: Dataset, desc: str = "eval") -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """Fused logits, unimodal logits and labels over a dataset (eval mode)."""
-        return predict_batches(self.method, self.batches(dataset, desc=desc), self.modalities, self.autocast)
+        """Fused logits, unimodal logits and labels over a dataset (eval mode). With several
+        processes each rank predicts its shard (:meth:`shard`) and every rank gets the whole
+        split's outputs, in its order."""
+        part = self.shard(dataset)
+        logits, uni, labels = predict_batches(self.method, self.batches(part, desc=desc), self.modalities,
+                                              self.autocast, num_classes=self.data.num_classes)
+        if self.world_size == 1:
+            return logits, uni, labels
+        mods = self.modalities
+        got = dist_utils.all_gather_shards([logits, *(uni[m] for m in mods), labels], len(dataset), self.device)
+        return got[0], dict(zip(mods, got[1:-1])), got[-1]
 
     @torch.no_grad()
     def encoder_features(self, dataset: Dataset, desc: str = "features") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
-        """Encoder outputs per modality (eval mode), presence masks and labels."""
-        feats, pres, labels = {m: [] for m in self.modalities}, {m: [] for m in self.modalities}, []
-        for batch in self.batches(dataset, desc=desc):
+        """Encoder outputs per modality (eval mode), presence masks and labels; sharded over the
+        processes and gathered to every rank, as :meth:`predict_split`."""
+        mods = self.modalities
+        feats, pres, labels = {m: [] for m in mods}, {m: [] for m in mods}, []
+        for batch in self.batches(self.shard(dataset), desc=desc):
             with self.autocast():
-                for m in self.modalities:
+                for m in mods:
                     feats[m].append(self.model.encode(m, batch["inputs"][m]).float().cpu())
                     pres[m].append(batch["present"][m].cpu())
             labels.append(batch["label"].cpu())
-        return ({m: torch.cat(v) for m, v in feats.items()}, {m: torch.cat(v) for m, v in pres.items()},
-                torch.cat(labels))
+        if not labels:  # an empty shard (fewer samples than processes)
+            return self._gather_features({m: torch.zeros(0, self.model.feature_dim(m)) for m in mods},
+                                         {m: torch.zeros(0, dtype=torch.bool) for m in mods},
+                                         torch.zeros(0, dtype=torch.long), len(dataset))
+        return self._gather_features({m: torch.cat(v) for m, v in feats.items()},
+                                     {m: torch.cat(v) for m, v in pres.items()}, torch.cat(labels), len(dataset))
+
+    def _gather_features(self, feats: dict[str, torch.Tensor], pres: dict[str, torch.Tensor], labels: torch.Tensor,
+                         n: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        if self.world_size == 1:
+            return feats, pres, labels
+        mods = self.modalities
+        got = dist_utils.all_gather_shards([*(feats[m] for m in mods), *(pres[m] for m in mods), labels], n,
+                                           self.device)
+        M = len(mods)
+        return dict(zip(mods, got[:M])), dict(zip(mods, got[M:2 * M])), got[-1]
 
     def evaluate(self, split: str, probe: bool = False) -> dict[str, Any]:
         dataset = {"val": self.data.val, "test": self.data.test, "train": self.data.train_eval}[split]

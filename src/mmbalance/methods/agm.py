@@ -1,8 +1,9 @@
 """AGM: adaptive gradient modulation (Li et al., ICCV 2023).
 
 Pure math: :func:`agm_subset_logits`, :func:`agm_responses`, :func:`agm_scores`,
-:func:`agm_ratios`, :func:`agm_coefficients`, :func:`running_mean_update`, :func:`agm_output`;
-the method class wires them into a training step.
+:func:`agm_ratios`, :func:`agm_coefficients`, :func:`running_mean_update`, :func:`agm_output`,
+:func:`clip_grad_norm_where_`; the method class wires them into a training step (no host
+synchronisation: coefficients, the conditional clip and the diagnostics stay on the device).
 """
 from __future__ import annotations
 
@@ -90,6 +91,27 @@ def agm_output(responses: Tensor, k: Sequence[float] | Tensor, empty: Tensor | N
     were computed with it), so the value is f(all) and the gradient through m_m is scaled by k_m."""
     z = sum(scale_grad(responses[i], k[i]) for i in range(responses.shape[0]))
     return z if empty is None else z + empty
+
+
+@torch.no_grad()
+def clip_grad_norm_where_(parameters, max_norm: float, condition: Tensor) -> None:
+    """``torch.nn.utils.clip_grad_norm_(parameters, max_norm)`` where the 0-d bool tensor
+    ``condition`` is True, nothing where it is False, without reading it on the host: the clip
+    factor ``min(1, max_norm / (norm + 1e-6))`` becomes 1 (an exact no-op) when the condition
+    is False. Same arithmetic as ``clip_grad_norm_``."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return
+    grads = [p.grad for p in params]
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:  # torch >= 2.6: the pieces clip_grad_norm_ is made of
+        total = get_total_norm(grads)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.where(condition.to(total.device), total, 0.0))
+        return
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    coef = torch.where(condition.to(total.device), torch.clamp(max_norm / (total + 1e-6), max=1.0), 1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device, g.dtype))
 
 
 @register_method("agm", summary="AGM: Shapley mono-modal responses, gradient scaled toward a running reference (Li 2023)",
@@ -181,11 +203,11 @@ class AGM(Method):
     def _clip_if_large_fusion_grad(self) -> None:
         if self.fusion_grad_clip is None:
             return
-        big = any(p.grad is not None and bool((p.grad.abs() > 1.0).any())
-                  for p in self.model.fusion.parameters() if p.dim() >= 2)
-        if big:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.fusion_grad_clip)
-        self.log("clipped", float(big))
+        big = [(p.grad.abs() > 1.0).any() for p in self.model.fusion.parameters()
+               if p.dim() >= 2 and p.grad is not None]
+        big = torch.stack(big).any() if big else torch.zeros((), dtype=torch.bool, device=self.trainer.device)
+        clip_grad_norm_where_(self.model.parameters(), self.fusion_grad_clip, big)
+        self.log("clipped", big)
 
     def training_step(self, batch):
         tr = self.trainer
@@ -215,11 +237,11 @@ class AGM(Method):
         self._clip_if_large_fusion_grad()
         tr.optimizer_step()
         for i, m in enumerate(mods):
-            self.log(f"k_{m}", float(k_used[i]))
-            self.log(f"r_{m}", float(r[i]))
-            self.log(f"rbar_{m}", float(r_ref[i]))
-            self.log(f"s_{m}", float(s[i]))
-        return {"loss": float(loss.detach())}
+            self.log(f"k_{m}", k_used[i])
+            self.log(f"r_{m}", r[i])
+            self.log(f"rbar_{m}", r_ref[i])
+            self.log(f"s_{m}", s[i])
+        return {"loss": loss.detach()}
 
     def state_dict(self):
         def cpu(t):

@@ -116,11 +116,15 @@ def masked_cross_entropy(logits: Tensor, labels: Tensor, present: Tensor | None,
     over present samples. With several processes, each normalising by the *global* count (times
     the number of processes, because the engine averages gradients over processes) makes the
     averaged gradient exactly that of the global batch's mean over present samples, however the
-    present samples are spread over the processes. 0 when no sample is present.
+    present samples are spread over the processes. 0 when no sample is present. A tensor
+    ``global_count`` is never read on the host.
     """
     ce = F.cross_entropy(logits.float(), labels, reduction="none")
     if present is not None:
         ce = ce * present.view(-1).to(ce.dtype)
+    if isinstance(global_count, Tensor):  # on the device (no host synchronisation), same numbers
+        count = global_count.detach().to(torch.float64)
+        return ce.sum() * (count.new_full((), float(world_size)) / count.clamp(min=1.0)).to(ce.dtype)
     return ce.sum() * (float(world_size) / max(float(global_count), 1.0))
 
 
@@ -137,7 +141,7 @@ class Method:
     required_fusion: str | None = None
 
     def __init__(self) -> None:
-        self._logs: dict[str, list[float]] = defaultdict(list)
+        self._logs: dict[str, list[Any]] = defaultdict(list)
         self.trainer: TrainerHandle | None = None
 
     # -- construction --------------------------------------------------------------------
@@ -173,13 +177,37 @@ class Method:
         return self.model(batch["inputs"], batch["present"])
 
     # -- diagnostics -----------------------------------------------------------------------
-    def log(self, name: str, value: float | Tensor) -> None:
+    def log(self, name: str, value: float | Tensor, weight: float | Tensor | None = None) -> None:
         """Record a diagnostic; the epoch's mean goes to metrics.jsonl. A tensor stays on its
-        device (no host synchronisation per step); it is converted once per epoch."""
-        self._logs[name].append(value.detach().to(torch.float64) if isinstance(value, Tensor) else float(value))
+        device (no host synchronisation per step); it is converted once per epoch.
+
+        ``weight`` (a number or a device tensor, e.g. a 0/1 condition): the entry's weight in
+        the epoch's mean, so a diagnostic that only exists on some steps (say, while a modality
+        is present) is logged every step without a host-side ``if``: weight 0 counts as not
+        logged (a non-finite value is then ignored too); an epoch whose weights sum to 0 leaves
+        the name out. Unweighted entries weigh 1."""
+        v = value.detach().to(torch.float64) if isinstance(value, Tensor) else float(value)
+        if weight is None:
+            self._logs[name].append(v)
+        elif isinstance(weight, Tensor):
+            w = weight.detach().to(torch.float64)
+            self._logs[name].append((torch.where(w > 0, w * v, 0.0), w))
+        else:
+            w = float(weight)
+            self._logs[name].append((v * w if w > 0 else 0.0, w))
 
     def epoch_diagnostics(self) -> dict[str, float]:
-        out = {k: float(sum(v) / len(v)) for k, v in self._logs.items() if v}
+        out = {}
+        for k, v in self._logs.items():
+            if not v:
+                continue
+            if not any(isinstance(x, tuple) for x in v):
+                out[k] = float(sum(v) / len(v))
+                continue
+            total = sum(x[0] if isinstance(x, tuple) else x for x in v)
+            n = sum(x[1] if isinstance(x, tuple) else 1.0 for x in v)
+            if float(n) > 0:
+                out[k] = float(total / n)
         self._logs.clear()
         return out
 

@@ -125,7 +125,7 @@ class DGL(Method):
                 ce = torch.nn.functional.cross_entropy(zm[m].float(), y, reduction="none").double()
                 rows.append(torch.stack([(ce * p).sum(), p.sum()]))
             rows.append(torch.stack([loss_fused.detach().double() * y.numel(),
-                                     torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)]))
+                                     torch.full((), float(y.numel()), dtype=torch.float64, device=y.device)]))
             stats = tr.all_reduce_sum(torch.stack(rows))  # one collective per step, whatever the data
         uni = {m: masked_cross_entropy(zm[m], y, present[m], stats[i, 1], tr.world_size) for i, m in enumerate(mods)}
         loss = loss_fused + self.alpha * sum(uni.values())
@@ -134,12 +134,11 @@ class DGL(Method):
     def training_step(self, batch):
         loss, loss_fused, uni, stats = self.losses(batch)
         self.trainer.step(loss)
-        means = (stats[:, 0] / stats[:, 1].clamp(min=1)).tolist()
+        means = stats[:, 0] / stats[:, 1].clamp(min=1)  # on the device: no host synchronisation
         for i, m in enumerate(self.model.modalities):
-            if float(stats[i, 1]) > 0:
-                self.log(f"loss_{m}", means[i])
+            self.log(f"loss_{m}", means[i], weight=stats[i, 1] > 0)
         self.log("loss_fused", means[-1])
-        return {"loss": float(loss.detach()), "loss_fused": float(loss_fused.detach())}
+        return {"loss": loss.detach(), "loss_fused": loss_fused.detach()}
 
 
 __all__ = ["DGL", "absent_masked", "frozen_unimodal_logits"]

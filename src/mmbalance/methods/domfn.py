@@ -215,8 +215,10 @@ class DOMFN(Method):
             ref = (pm * w).sum(0) / w.sum(0).clamp_min(1.0)
         return pm, ref, domfn_penalties(pm.detach(), ref.detach()), pres
 
-    def losses(self, batch) -> tuple[Tensor, dict[str, float]]:
-        """``(L, diagnostics)`` for one batch; ``L.backward()`` gives DOMFN's gradients."""
+    def losses(self, batch) -> tuple[Tensor, dict[str, float | Tensor | tuple[Tensor, Tensor]]]:
+        """``(L, diagnostics)`` for one batch; ``L.backward()`` gives DOMFN's gradients. The
+        diagnostics are device tensors (no host synchronisation); a per-modality one is a pair
+        ``(value, weight)`` whose weight is 0 when the modality is absent from the global batch."""
         tr, model = self.trainer, self.model
         mods = model.modalities
         M = len(mods)
@@ -233,35 +235,43 @@ class DOMFN(Method):
         fusef = fuse.to(ce_m.dtype)
         with torch.no_grad():  # global counts and sums: one collective per step, whatever the data
             local = torch.cat([presf.sum(1), (pen * presf).sum(1), (ce_m.detach() * presf).sum(1),
-                               torch.stack([torch.tensor(float(y.numel()), device=y.device), fusef.sum(),
+                               torch.stack([torch.full((), float(y.numel()), device=y.device), fusef.sum(),
                                             ce_f.detach().sum()])]).to(torch.float64)
             glob = tr.all_reduce_sum(local)
         counts, pen_sums, ce_sums = glob[:M], glob[M:2 * M], glob[2 * M:3 * M]
         n_all, n_fused, ce_f_sum = glob[3 * M], glob[3 * M + 1], glob[3 * M + 2]
         world = float(tr.world_size)
+
+        def norm(count: Tensor) -> Tensor:  # world / max(count, 1) in float64 (a true division, as
+            # Python's; ``float / tensor`` would multiply by a reciprocal), applied in the loss's dtype
+            return (count.new_full((), world) / count.clamp(min=1.0)).to(ce_m.dtype)
+
         if pretraining:
             per_sample = ce_m
         else:
             ref_g = torch.where(fuse.view(-1, 1), ref, ref.detach())  # non-fused samples: a constant
             pen_g = domfn_penalties(pm, ref_g)
             per_sample = 0.5 * ce_m * ce_m - self.eta * pen_g + fusef * ce_m
-        loss = sum((per_sample[i] * presf[i]).sum() * (world / max(float(counts[i]), 1.0)) for i in range(M))
+        loss = sum((per_sample[i] * presf[i]).sum() * norm(counts[i]) for i in range(M))
         if not pretraining:
-            loss = loss + (fusef * ce_f).sum() * (world / max(float(n_all), 1.0))
-        diag = {"fused_fraction": float(n_fused / n_all.clamp(min=1)), "pretraining": float(pretraining),
-                "loss_fused": float(ce_f_sum / n_all.clamp(min=1))}
+            loss = loss + (fusef * ce_f).sum() * norm(n_all)
+        diag: dict[str, float | Tensor | tuple[Tensor, Tensor]] = {
+            "fused_fraction": n_fused / n_all.clamp(min=1), "pretraining": float(pretraining),
+            "loss_fused": ce_f_sum / n_all.clamp(min=1)}
         for i, m in enumerate(mods):
-            if float(counts[i]) > 0:
-                diag[f"penalty_{m}"] = float(pen_sums[i] / counts[i])
-                diag[f"loss_{m}"] = float(ce_sums[i] / counts[i])
+            diag[f"penalty_{m}"] = (pen_sums[i] / counts[i], counts[i] > 0)
+            diag[f"loss_{m}"] = (ce_sums[i] / counts[i], counts[i] > 0)
         return loss, diag
 
     def training_step(self, batch):
         loss, diag = self.losses(batch)
         self.trainer.step(loss)
         for k, v in diag.items():
-            self.log(k, v)
-        return {"loss": float(loss.detach())}
+            if isinstance(v, tuple):
+                self.log(k, v[0], weight=v[1])
+            else:
+                self.log(k, v)
+        return {"loss": loss.detach()}
 
     @torch.no_grad()
     def predict(self, batch):

@@ -314,7 +314,7 @@ class DR(Method):
     def training_step(self, batch):
         _, loss = self.fused_forward(batch)
         self.trainer.step(loss)
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -301,7 +301,7 @@ class GBlending(Method):
             out = self.model(batch["inputs"], batch["present"])
         loss = self.blended_loss(out, batch["label"])
         self.trainer.step(loss)
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}
 
     def on_epoch_end(self, epoch: int) -> None:
         for k, v in (self.weights or {}).items():

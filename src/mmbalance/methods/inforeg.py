@@ -10,7 +10,6 @@ Pure math: :func:`fisher_trace`, :func:`prime_window_rate`, :func:`inforeg_betas
 """
 from __future__ import annotations
 
-import math
 from typing import Annotated, Iterable, Literal, Sequence
 
 import torch
@@ -40,12 +39,11 @@ def fisher_trace(grads: Iterable[Tensor | None], reduction: str = "sum") -> Tens
     gs = [g.detach() for g in grads if g is not None]
     if not gs:
         return torch.zeros((), dtype=torch.float64)
-    # one dot product per tensor (no float64 copy of the gradients)
-    sq = torch.stack([torch.dot(g.reshape(-1).float(), g.reshape(-1).float()).double() for g in gs])
+    # one dot product per tensor (no float64 copy of the gradients; no host round trip)
+    sq = [torch.dot(g.reshape(-1).float(), g.reshape(-1).float()).double() for g in gs]
     if reduction == "layer_mean":
-        sq = sq / torch.tensor([g.numel() for g in gs], dtype=torch.float64, device=sq.device)
-    total = sq.sum()
-    return total
+        sq = [v / g.numel() for v, g in zip(sq, gs)]
+    return torch.stack(sq).sum()
 
 
 def prime_window_rate(history: Sequence[float], window: int = 10) -> float:
@@ -72,7 +70,8 @@ def prime_window_rate(history: Sequence[float], window: int = 10) -> float:
 
 def inforeg_betas(scores: Tensor, beta: float, in_window: Sequence[bool], counts: Tensor | None = None
                   ) -> tuple[Tensor, Tensor]:
-    """Proximal coefficients ``beta_m`` (M,) and score gaps (M,).
+    """Proximal coefficients ``beta_m`` (M,) and score gaps (M,), float32, computed on the
+    scores' device (float64 arithmetic; no host synchronisation).
 
     ``gap_m = s_m - mean_{n != m} s_n``; a modality ahead of the others (``gap_m > 0``) and in its
     prime learning window gets ``beta_m = beta * exp(tanh(gap_m))``, every other modality 0. For two
@@ -86,39 +85,40 @@ def inforeg_betas(scores: Tensor, beta: float, in_window: Sequence[bool], counts
     >>> round(float(b[0]), 4), float(b[1]), gap.tolist()
     (2.0346, 0.0, [1.0, -1.0])
     """
-    s = [float(x) for x in scores.detach().reshape(-1).tolist()]
-    M = len(s)
+    s = scores.detach().reshape(-1).double()
+    M = s.numel()
     if M < 2:
         raise ConfigError("inforeg needs at least two modalities")
-    if counts is not None:  # plain Python: M numbers, called every step
-        n = [float(x) for x in counts.detach().reshape(-1).tolist()]
-        top = max(n)
-        s = [si * top / ni if ni > 0 else 0.0 for si, ni in zip(s, n)]
-        on = [ni > 0 for ni in n]
+    if counts is not None:
+        n = counts.detach().reshape(-1).to(s)
+        on = n > 0
+        s = torch.where(on, s * n.max() / n, 0.0)
     else:
-        on = [True] * M
-    gap, b = [0.0] * M, [0.0] * M
-    k = sum(on)
-    if k >= 2:
-        total = sum(x for x, o in zip(s, on) if o)
-        for m in range(M):
-            if on[m]:
-                gap[m] = s[m] - (total - s[m]) / (k - 1)
-                if gap[m] > 0 and bool(in_window[m]):
-                    b[m] = float(beta) * math.exp(math.tanh(gap[m]))
-    return torch.tensor(b), torch.tensor(gap)
+        on = torch.ones(M, dtype=torch.bool, device=s.device)
+    k = on.sum().to(s.dtype)
+    total = s[0]
+    for i in range(1, M):  # left to right, as a Python sum (absent modalities add an exact 0)
+        total = total + s[i]
+    gap = torch.where(on & (k >= 2), s - (total - s) / (k - 1.0), 0.0)
+    b = torch.where(gap > 0, float(beta) * torch.exp(torch.tanh(gap)), 0.0)
+    b = torch.stack([bi if bool(w) else torch.zeros_like(bi) for bi, w in zip(b.unbind(), in_window)])
+    return b.float(), gap.float()
 
 
 @torch.no_grad()
-def proximal_pull_(params: Sequence[nn.Parameter], anchors: Sequence[Tensor], beta: float) -> None:
+def proximal_pull_(params: Sequence[nn.Parameter], anchors: Sequence[Tensor], beta: float | Tensor) -> None:
     """In place: ``grad <- grad + beta * (theta - theta_anchor)`` for every parameter with a
-    gradient (the gradient of ``beta/2 * ||theta - theta_anchor||^2``)."""
+    gradient (the gradient of ``beta/2 * ||theta - theta_anchor||^2``). ``beta`` may be a 0-d
+    device tensor (0 leaves the gradients exactly unchanged)."""
     pairs = [(p, a) for p, a in zip(params, anchors) if p.grad is not None]
     if not pairs:
         return
     grads = [p.grad for p, _ in pairs]
     diffs = torch._foreach_sub([p.detach() for p, _ in pairs], [a.to(p.dtype) for p, a in pairs])
-    torch._foreach_add_(grads, diffs, alpha=float(beta))
+    if isinstance(beta, Tensor):  # g + beta * diff with one rounding, as add_(alpha=beta)
+        torch._foreach_addcmul_(grads, diffs, [beta.to(g.device, g.dtype) for g in grads])
+    else:
+        torch._foreach_add_(grads, diffs, alpha=float(beta))
 
 
 def trace_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -261,7 +261,7 @@ class InfoReg(Method):
         stats = torch.stack([torch.stack([
             out.unimodal_logits[m].detach().double().softmax(1).gather(1, y.view(-1, 1)).squeeze(1)
             .mul(present[m].double()).sum(), present[m].sum().double()]) for m in mods])
-        stats = tr.all_reduce_sum(stats).cpu()  # one collective per step, on every process
+        stats = tr.all_reduce_sum(stats)  # one collective per step, on every process
         scores, counts = stats[:, 0], stats[:, 1]
         if not self._in_window:  # a step before any epoch start (a direct call): start the epoch
             self.on_epoch_start(tr.epoch)
@@ -272,13 +272,12 @@ class InfoReg(Method):
             t = fisher_trace([p.grad for p in self._trace_params[m]], self.trace_reduction)
             prev = self._trace.get(m)
             self._trace[m] = t if prev is None else prev.to(t.device) + t
-            if float(betas[i]) > 0:
-                proximal_pull_(self._params[m], self._anchors[m], float(betas[i]))
+            if self._in_window[m]:  # beta_m (a device tensor) may be 0 here: an exact no-op
+                proximal_pull_(self._params[m], self._anchors[m], betas[i])
             self.log(f"beta_{m}", betas[i])
-            if float(counts[i]) > 0:
-                self.log(f"score_{m}", float(scores[i] / counts[i]))
+            self.log(f"score_{m}", scores[i] / counts[i], weight=counts[i] > 0)
         tr.optimizer_step()
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self):

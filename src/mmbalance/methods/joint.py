@@ -26,4 +26,4 @@ class Joint(Method):
             loss = loss + self.unimodal_weight * sum(self.present_ce(z, y, batch["present"][m])
                                                      for m, z in out.unimodal_logits.items())
         self.trainer.step(loss)
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}

@@ -109,15 +109,17 @@ def prediction_js(p_logits: Tensor, q_logits: Tensor) -> Tensor:
     return 0.5 * ((m * (lm - lp)).sum(1) + (m * (lm - lq)).sum(1))
 
 
-def modality_gap(a: Tensor, b: Tensor, valid: Tensor | None = None) -> float:
+def modality_gap(a: Tensor, b: Tensor, valid: Tensor | None = None) -> Tensor:
     """The modality gap (Liang et al. 2022): the distance between the centroids of the
-    L2-normalised features of two modalities, over the pairs in ``valid``; 0 when none."""
+    L2-normalised features of two modalities, over the pairs in ``valid``; 0 when none. A 0-d
+    tensor computed on the device (masked sums, no host synchronisation)."""
     an, bn = F.normalize(a.detach().float(), dim=1), F.normalize(b.detach().float(), dim=1)
-    if valid is not None:
-        an, bn = an[valid], bn[valid]
-    if an.shape[0] == 0:
-        return 0.0
-    return float((an.mean(0) - bn.mean(0)).norm())
+    if valid is None:
+        return (an.mean(0) - bn.mean(0)).norm()
+    w = valid.view(-1, 1).to(an.dtype)
+    n = w.sum()
+    gap = ((an * w).sum(0) / n.clamp(min=1.0) - (bn * w).sum(0) / n.clamp(min=1.0)).norm()
+    return torch.where(n > 0, gap, torch.zeros_like(gap))
 
 
 @register_method("lfm", summary="LFM: supervised + cross-modal alignment losses, integrated by an epoch-dependent weight",
@@ -230,7 +232,7 @@ class LFM(Method):
         return alignment_weight(epoch, self.schedule, self.decay, self.alpha_min, self.alpha_max, self.alpha)
 
     # -- the alignment term over the global batch ---------------------------------------------
-    def contrastive_term(self, feats: Sequence[Tensor], present: Sequence[Tensor]) -> tuple[Tensor, float]:
+    def contrastive_term(self, feats: Sequence[Tensor], present: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Mean over pairs of :func:`cross_modal_infonce` of the global batch, and the mean
         modality gap (diagnostic)."""
         tr = self.trainer
@@ -258,10 +260,12 @@ class LFM(Method):
             masks.append((present[i] & present[j]).to(torch.float32))
             sums.append((prediction_js(unimodal_logits[i], unimodal_logits[j]) * masks[-1]).sum())
         counts = tr.all_reduce_sum(torch.stack([m.sum() for m in masks]).to(torch.float64))  # one collective
-        terms = [s * (float(tr.world_size) / max(float(c), 1.0)) for s, c in zip(sums, counts)]
+        # world / max(count, 1) in float64 on the device, applied in the sums' dtype (no host read)
+        world = counts.new_full((), float(tr.world_size))
+        terms = [s * (world / c.clamp(min=1.0)).to(s.dtype) for s, c in zip(sums, counts)]
         return torch.stack(terms).mean()
 
-    def losses(self, batch) -> tuple[Tensor, dict[str, float]]:
+    def losses(self, batch) -> tuple[Tensor, dict[str, float | Tensor]]:
         """``(L, diagnostics)`` of one batch; ``L.backward()`` gives LFM's gradients."""
         tr, model = self.trainer, self.model
         mods = model.modalities
@@ -271,14 +275,14 @@ class LFM(Method):
             feats = model.encode_all(batch["inputs"], batch["present"])
             out = model.fuse(feats, batch["present"])
         loss_sup = self.ce(out.logits, y)
-        diag: dict[str, float] = {}
+        diag: dict[str, float | Tensor] = {}
         if self.alignment == "contrastive":
             loss_align, diag["gap"] = self.contrastive_term([feats[m] for m in mods], present)
         else:
             loss_align = self.js_term([out.unimodal_logits[m] for m in mods], present)
         a = self.weight(tr.epoch)
         loss = self.loss_scale * ((1.0 - a) * loss_sup + a * loss_align)
-        diag.update(alpha=a, loss_sup=float(loss_sup.detach()), loss_align=float(loss_align.detach()))
+        diag.update(alpha=a, loss_sup=loss_sup.detach(), loss_align=loss_align.detach())  # device tensors
         return loss, diag
 
     def training_step(self, batch):
@@ -286,7 +290,7 @@ class LFM(Method):
         self.trainer.step(loss)
         for k, v in diag.items():
             self.log(k, v)
-        return {"loss": float(loss.detach()), "loss_sup": diag["loss_sup"], "loss_align": diag["loss_align"]}
+        return {"loss": loss.detach(), "loss_sup": diag["loss_sup"], "loss_align": diag["loss_align"]}
 
 
 __all__ = ["FITTED_SUPERVISED_COEFFICIENTS", "LFM", "alignment_weight", "cross_modal_infonce",

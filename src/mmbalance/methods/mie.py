@@ -24,7 +24,7 @@ from ..models import MultimodalModel, Output
 from ..models.fusions import Fusion
 from ..options import Annotated, Interval, Literal
 from ..registry import ConfigError
-from .mla import eval_mode, mla_fuse, mla_fusion_weights, present_rows, unimodal_forward_mode
+from .mla import eval_mode, mla_fuse, mla_fusion_weights, unimodal_forward_mode
 from . import register_method
 from .base import Method, ModelSpec
 
@@ -41,21 +41,22 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d
 
 
 # ---------------------------------------------------------------------------------------- math
-def sam_perturbation(grads: Sequence[Tensor], rho: float) -> tuple[list[Tensor], float]:
+def sam_perturbation(grads: Sequence[Tensor], rho: float) -> tuple[list[Tensor], Tensor]:
     """SAM ascent step (Foret et al. 2021): ``eps = rho * g / ||g||_2``, one *global* norm over
-    all tensors in ``grads``. Returns the per-tensor perturbations and ``||g||``.
+    all tensors in ``grads``. Returns the per-tensor perturbations and ``||g||`` (a 0-d device
+    tensor: nothing is read back to the host).
 
     A zero gradient gives a zero perturbation.
 
     >>> eps, n = sam_perturbation([torch.tensor([3.0]), torch.tensor([4.0])], rho=0.5)
-    >>> [round(float(e), 4) for e in eps], n
+    >>> [round(float(e), 4) for e in eps], float(n)
     ([0.3, 0.4], 5.0)
     """
     if not grads:
-        return [], 0.0
+        return [], torch.zeros(())
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
-    scale = rho / norm if float(norm) > 0 else torch.zeros_like(norm)
-    return [(g.detach() * scale.to(g.dtype)) for g in grads], float(norm)
+    scale = torch.where(norm > 0, rho / norm, torch.zeros_like(norm))
+    return [(g.detach() * scale.to(g.dtype)) for g in grads], norm
 
 
 def batch_mean_outer(x: Tensor, batch_size: int | None = None, mask: Tensor | None = None) -> Tensor:
@@ -144,6 +145,19 @@ def entropy_fusion(logits: Tensor, mask: Tensor | None = None) -> Tensor:
     """``sum_m lambda_m z_m`` on logits with :func:`entropy_weights` (as MLA)."""
     present = list(mask) if mask is not None else None
     return mla_fuse(list(logits), "entropy", present=present)[0]
+
+
+def present_rows_known(x: Tensor, y: Tensor, present: Tensor, n: int) -> tuple[Tensor, Tensor, int, bool]:
+    """:func:`mmbalance.methods.mla.present_rows` when the number ``n`` of present rows is
+    already known on the host: the same ``(x, y, n, placeholder)`` (the present rows in their
+    order; a zero-input placeholder when there is none), gathered by a stable sort of the mask
+    instead of boolean indexing, so no data-dependent shape makes the host wait."""
+    if n == 0:
+        return torch.zeros_like(x), y, 0, True
+    if n < present.numel():
+        rows = torch.argsort((~present.view(-1).to(torch.bool)).to(torch.uint8), stable=True)[:n]
+        return x.index_select(0, rows), y.index_select(0, rows), n, False
+    return x, y, n, False
 
 
 def _mask_weights(mask: Tensor) -> Tensor:
@@ -370,7 +384,9 @@ class MIE(Method):
 
     Cost: per step of a modality, its network forward + backward, twice with SAM (with
     ``batch``, each encoder once per batch as in joint training); one covariance pass over the
-    training set and small SVDs per epoch (``batch``) or per stage.
+    training set and small SVDs per epoch (``batch``) or per stage. Host synchronisation: one
+    read per batch of every scheduled modality's present count (here and over all ranks: which
+    rows a step uses, and whether it runs); diagnostics stay on the device.
     """
 
     def __init__(self, sam: bool = True, rho: Annotated[float, Interval(0, None)] = 1e-10, gm: bool = True,
@@ -576,7 +592,12 @@ class MIE(Method):
             self.log(f"trained/{other}", 1.0 if other in mods else 0.0)
         if self.schedule != "batch":
             self.log("stage", self._stage)
-        losses = [v for v in (self.sam_gm_step(m, batch) for m in mods) if v is not None]
+        # the batch's one host read: per scheduled modality, the present rows here and in the
+        # global batch (which rows a step uses, and whether any rank has one)
+        local = torch.stack([batch["present"][m].to(torch.bool).sum() for m in mods]).to(torch.float64)
+        n = torch.cat([local, self.trainer.all_reduce_sum(local)]).tolist()
+        counts = {m: (int(n[i]), n[len(mods) + i]) for i, m in enumerate(mods)}
+        losses = [v for v in (self.sam_gm_step(m, batch, *counts[m]) for m in mods) if v is not None]
         if self.schedule == "steps":
             self._steps_in_stage += 1
             if self._steps_in_stage >= self.inner_steps:
@@ -585,15 +606,22 @@ class MIE(Method):
                 self._steps_in_stage = 0
         return {"loss": sum(losses) / len(losses)} if losses else {}
 
-    def sam_gm_step(self, m: str, batch) -> float | None:
+    def sam_gm_step(self, m: str, batch, n_local: int | None = None, n_global: float | None = None) -> Tensor | None:
         """One step of modality m on ``batch``: SAM gradient (restore theta exactly), GM, optimizer
-        step. Returns the global-batch loss, or None (nothing changes) when no sample has m."""
+        step. Returns the global-batch loss (a device tensor), or None (nothing changes) when no
+        sample has m. ``n_local`` / ``n_global``: the present rows of m on this rank and in the
+        global batch (read here, with one all-reduce, when not given)."""
         trainer = self.trainer
-        x, y, n_local, placeholder = present_rows(batch["inputs"][m], batch["label"], batch["present"][m])
+        if n_local is None or n_global is None:
+            local = batch["present"][m].to(torch.bool).sum().to(torch.float64).view(1)
+            here, everywhere = torch.cat([local, trainer.all_reduce_sum(local)]).tolist()
+            n_local, n_global = int(here), everywhere
+        x, y, n_local, placeholder = present_rows_known(batch["inputs"][m], batch["label"], batch["present"][m],
+                                                        n_local)
         modules = [self.model.encoders[m], self.model.fusion.heads[m]]
         mode = lambda: unimodal_forward_mode(modules, n_local, placeholder)  # noqa: E731
         mix = None
-        if self.variant == "official":
+        if self.variant == "official":  # drawn on the host (CPU generator): no device wait
             lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
             mix = (lam, torch.randperm(x.shape[0], device=x.device))
         rng = _rng_state(trainer.device)
@@ -601,12 +629,11 @@ class MIE(Method):
             loss = self._loss_sum(m, x, y, mix)
         if placeholder:  # weight 0: same graph, nothing learned
             loss = loss * 0.0
-        s = trainer.all_reduce_sum(torch.stack([loss.detach(), loss.new_tensor(float(n_local))]))
-        n_global = float(s[1])
         if n_global == 0:  # no rank has m: every rank skips alike
             return None
+        loss_global = trainer.all_reduce_sum(loss.detach())
         scale = trainer.world_size / n_global  # gradients are averaged over ranks: global mean
-        value = float(s[0]) / n_global
+        value = loss_global.double() / n_global
         self.log(f"loss/{m}", value)
         trainer.zero_grad()
         trainer.backward(loss * scale)
@@ -617,7 +644,9 @@ class MIE(Method):
             with torch.no_grad():
                 for p, e in zip(live, eps):
                     p.add_(e)
-                real = math.sqrt(sum(float((p - kept).double().pow(2).sum()) for p, kept in zip(live, saved)))
+                real_sq = torch.zeros((), dtype=torch.float64, device=trainer.device)
+                for p, kept in zip(live, saved):
+                    real_sq = real_sq + (p - kept).double().pow(2).sum()
             trainer.zero_grad()
             _set_rng_state(rng, trainer.device)  # same dropout mask at theta + eps
             with _frozen_norm_stats(list(modules[0].modules()) + list(modules[1].modules())), mode():
@@ -629,10 +658,10 @@ class MIE(Method):
                 for p, kept in zip(live, saved):
                     p.copy_(kept)
             self.log(f"sam_grad_norm/{m}", gnorm)
-            self.log(f"sam_eps/{m}", self.rho if gnorm > 0 else 0.0)
-            self.log(f"sam_eps_real/{m}", real)
+            self.log(f"sam_eps/{m}", (gnorm > 0).to(torch.float64) * self.rho)
+            self.log(f"sam_eps_real/{m}", real_sq.sqrt())
             if n_local > 0:
-                self.log(f"sam_loss_rise/{m}", float(loss_p.detach() - loss.detach()) / n_local)
+                self.log(f"sam_loss_rise/{m}", (loss_p.detach() - loss.detach()).double() / n_local)
         if self.gm:
             self.modify_gradients(m)
         trainer.optimizer_step()
@@ -651,17 +680,19 @@ class MIE(Method):
 
     @torch.no_grad()
     def modify_gradients(self, m: str) -> None:
-        before = after = 0.0
+        before = after = None  # squared norms, summed on the device
         for (_, mod), t in zip(self._layers[m], self.partner_matrices(m)):
             g = mod.weight.grad
             if g is None:
                 continue
-            before += float(g.double().pow(2).sum())
+            sq = g.double().pow(2).sum()
+            before = sq if before is None else before + sq
             if t is not None:
                 g.copy_(modify_weight_gradient(g, t.to(g.device)))
-            after += float(g.double().pow(2).sum())
-        if before > 0:
-            self.log(f"gm_ratio/{m}", math.sqrt(after / before))
+            sq = g.double().pow(2).sum()
+            after = sq if after is None else after + sq
+        if before is not None:
+            self.log(f"gm_ratio/{m}", torch.sqrt(after / before), weight=before > 0)
 
     # -- evaluation ------------------------------------------------------------------------
     def predict(self, batch) -> Output:

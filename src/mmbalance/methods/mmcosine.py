@@ -117,7 +117,7 @@ class MMCosine(Method):
         out, loss = self.fused_forward(batch)
         self._log_statistics(out, batch)  # the weights this forward used (before the step)
         self.trainer.step(loss)
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}
 
     @torch.no_grad()
     def _log_statistics(self, out, batch) -> None:
@@ -132,12 +132,11 @@ class MMCosine(Method):
             p = present[m].to(torch.float64)
             rows.append(torch.stack([(cos_y.double() * p).sum(), (h.norm(dim=1).double() * p).sum(), p.sum()]))
         sums = self.trainer.all_reduce_sum(torch.stack(rows))  # one collective per step
-        for i, m in enumerate(mods):
-            n = float(sums[i, 2])
-            if n > 0:
-                self.log(f"cos_y_{m}", float(sums[i, 0]) / n)
-                self.log(f"feature_norm_{m}", float(sums[i, 1]) / n)
-            self.log(f"weight_norm_{m}", float(self.model.fusion.heads[m].weight.detach().norm(dim=1).mean()))
+        for i, m in enumerate(mods):  # device tensors (the mean over present samples when there are some)
+            n = sums[i, 2]
+            self.log(f"cos_y_{m}", sums[i, 0] / n, weight=n > 0)
+            self.log(f"feature_norm_{m}", sums[i, 1] / n, weight=n > 0)
+            self.log(f"weight_norm_{m}", self.model.fusion.heads[m].weight.detach().norm(dim=1).mean())
 
 
 __all__ = ["CosineHeads", "MMCosine", "cosine_logits"]

@@ -8,7 +8,6 @@ wires them into a training step.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Annotated, Literal, Sequence
 
@@ -30,16 +29,16 @@ def min_norm_weight(g11: Tensor | float, g12: Tensor | float, g22: Tensor | floa
     """The weight ``a`` in [0, 1] of ``g1`` that minimises ``||a g1 + (1 - a) g2||^2`` (two-task
     MGDA, Sener & Koltun 2018), from the Gram entries ``g11 = g1.g1``, ``g12 = g1.g2``,
     ``g22 = g2.g2``: ``a = clip((g2 - g1).g2 / ||g1 - g2||^2, 0, 1)``. When ``g1 = g2`` every ``a``
-    gives the same point and 1/2 is returned. Float64 scalar tensor.
+    gives the same point and 1/2 is returned. Float64 scalar tensor on the entries' device
+    (no host synchronisation).
 
     >>> round(float(min_norm_weight(1.0, -1.0, 4.0)), 6)   # g1 = (1, 0), g2 = (-1, sqrt(3)): a = 5/7
     0.714286
     """
     g11, g12, g22 = (torch.as_tensor(v, dtype=torch.float64) for v in (g11, g12, g22))
     denom = g11 + g22 - 2.0 * g12  # ||g1 - g2||^2
-    if float(denom) <= 1e-30 * max(float(g11 + g22), 1e-300):
-        return torch.tensor(0.5, dtype=torch.float64)
-    return ((g22 - g12) / denom).clamp(0.0, 1.0)
+    degenerate = denom <= 1e-30 * (g11 + g22).clamp_min(1e-300)
+    return torch.where(degenerate, 0.5, ((g22 - g12) / denom).clamp(0.0, 1.0))
 
 
 def gram(g1: Sequence[Tensor | None], g2: Sequence[Tensor | None]) -> tuple[Tensor, Tensor, Tensor]:
@@ -61,21 +60,24 @@ def gram(g1: Sequence[Tensor | None], g2: Sequence[Tensor | None]) -> tuple[Tens
 
 @dataclass
 class Integration:
-    """How one encoder's two gradients are combined: ``final = c_mm g_mm + c_uni g_uni``."""
+    """How one encoder's two gradients are combined: ``final = c_mm g_mm + c_uni g_uni``. Every
+    field is a 0-d tensor (float64; ``conflict`` bool) on the Gram entries' device, so the
+    rule never waits for the device."""
 
-    c_mm: float
-    c_uni: float
-    cos: float  # cosine of g_mm and g_uni (0 when either is zero)
-    alpha: float  # weight of g_mm in the direction 2(alpha g_mm + (1 - alpha) g_uni); 1/2 without conflict
-    conflict: bool  # cos < 0
-    gamma: float  # the magnitude factor applied (gamma, or 1 where gamma_scope leaves it out)
-    scale: float  # ||final|| / ||g_mm + g_uni|| (0 when g_mm + g_uni = 0)
+    c_mm: Tensor
+    c_uni: Tensor
+    cos: Tensor  # cosine of g_mm and g_uni (0 when either is zero)
+    alpha: Tensor  # weight of g_mm in the direction 2(alpha g_mm + (1 - alpha) g_uni); 1/2 without conflict
+    conflict: Tensor  # cos < 0
+    gamma: Tensor  # the magnitude factor applied (gamma, or 1 where gamma_scope leaves it out)
+    scale: Tensor  # ||final|| / ||g_mm + g_uni|| (0 when g_mm + g_uni = 0)
 
 
 def mmpareto_coefficients(g11: Tensor | float, g12: Tensor | float, g22: Tensor | float, gamma: float = 1.5,
                           gamma_scope: str = "conflict") -> Integration:
     """MMPareto's rule for one encoder, from the Gram entries of its multimodal gradient ``g1``
-    and unimodal gradient ``g2`` (whole-encoder vectors).
+    and unimodal gradient ``g2`` (whole-encoder vectors); entries of shape (M,) give the rule of
+    M encoders at once (the fields of the result then have that shape).
 
     * No conflict (``cos(g1, g2) >= 0``): the sum ``g1 + g2`` (times ``gamma`` with
       ``gamma_scope="always"``, as the public code).
@@ -83,27 +85,35 @@ def mmpareto_coefficients(g11: Tensor | float, g12: Tensor | float, g22: Tensor 
       ``a`` (:func:`min_norm_weight`), magnitude rescaled to ``gamma * ||g1 + g2||``:
       ``final = gamma * ||g1 + g2|| / ||h|| * h``.
 
+    Both branches are evaluated on the device in float64 and the conflict selects one
+    (``torch.where``): the same numbers as the branching rule, without reading the cosine on
+    the host.
+
     >>> r = mmpareto_coefficients(1.0, -0.5, 4.0, gamma=1.5)   # conflict
-    >>> r.conflict, round(r.alpha, 4), round(r.scale, 4)
+    >>> bool(r.conflict), round(float(r.alpha), 4), round(float(r.scale), 4)
     (True, 0.75, 1.5)
     """
     if gamma_scope not in GAMMA_SCOPES:
         raise ConfigError(f"mmpareto: unknown gamma_scope '{gamma_scope}'; valid: {', '.join(GAMMA_SCOPES)}")
-    g11, g12, g22 = (float(torch.as_tensor(v, dtype=torch.float64)) for v in (g11, g12, g22))
-    denom = math.sqrt(max(g11, 0.0) * max(g22, 0.0))
-    cos = g12 / denom if denom > 0.0 else 0.0
-    sum_norm = math.sqrt(max(g11 + 2.0 * g12 + g22, 0.0))
-    if cos < 0.0:
-        a = float(min_norm_weight(g11, g12, g22))
-        h_norm = 2.0 * math.sqrt(max(a * a * g11 + 2.0 * a * (1.0 - a) * g12 + (1.0 - a) ** 2 * g22, 0.0))
-        s = gamma * sum_norm / h_norm if h_norm > 0.0 else 0.0
-        return Integration(2.0 * a * s, 2.0 * (1.0 - a) * s, cos, a, True, gamma,
-                           gamma if h_norm > 0.0 and sum_norm > 0.0 else 0.0)
+    g11, g12, g22 = (torch.as_tensor(v, dtype=torch.float64) for v in (g11, g12, g22))
+    denom = torch.sqrt(g11.clamp_min(0.0) * g22.clamp_min(0.0))
+    cos = torch.where(denom > 0.0, g12 / denom, 0.0)
+    sum_norm = torch.sqrt((g11 + 2.0 * g12 + g22).clamp_min(0.0))
+    conflict = cos < 0.0
+    # conflict branch: MGDA direction, magnitude gamma * ||g1 + g2||
+    a = min_norm_weight(g11, g12, g22)
+    h_norm = 2.0 * torch.sqrt((a * a * g11 + 2.0 * a * (1.0 - a) * g12 + (1.0 - a) ** 2 * g22).clamp_min(0.0))
+    s = torch.where(h_norm > 0.0, gamma * sum_norm / h_norm, 0.0)
+    scale_conflict = torch.where((h_norm > 0.0) & (sum_norm > 0.0), gamma, 0.0)
+    # no conflict: the sum (times gamma with gamma_scope "always")
     g = gamma if gamma_scope == "always" else 1.0
-    return Integration(g, g, cos, 0.5, False, g, g if sum_norm > 0.0 else 0.0)
+    return Integration(c_mm=torch.where(conflict, 2.0 * a * s, g), c_uni=torch.where(conflict, 2.0 * (1.0 - a) * s, g),
+                       cos=cos, alpha=torch.where(conflict, a, 0.5), conflict=conflict,
+                       gamma=torch.where(conflict, gamma, g),
+                       scale=torch.where(conflict, scale_conflict, torch.where(sum_norm > 0.0, g, 0.0)))
 
 
-def _combine(a: Tensor | None, b: Tensor | None, ca: float, cb: float) -> Tensor | None:
+def _combine(a: Tensor | None, b: Tensor | None, ca: float | Tensor, cb: float | Tensor) -> Tensor | None:
     """``ca * a + cb * b`` with None standing for a zero gradient (None when both are)."""
     if a is None:
         return None if b is None else cb * b
@@ -111,24 +121,29 @@ def _combine(a: Tensor | None, b: Tensor | None, ca: float, cb: float) -> Tensor
 
 
 @torch.no_grad()
-def rescale_per_tensor(g1: Sequence[Tensor | None], g2: Sequence[Tensor | None], alpha: float,
-                       gamma: float) -> list[Tensor | None]:
+def rescale_per_tensor(g1: Sequence[Tensor | None], g2: Sequence[Tensor | None], alpha: float | Tensor,
+                       gamma: float | Tensor) -> list[Tensor | None]:
     """The public code's magnitude rule (``code/MMPareto.py``), tensor by tensor: with
     ``new_t = 2 (alpha g1_t + (1 - alpha) g2_t)`` and ``r_t = ||g1_t + g2_t|| / ||new_t||``, the
     tensor's gradient becomes ``gamma * max(1, r_t) * new_t`` (``r_t = 1`` when ``new_t = 0``).
-    Without conflict (``alpha = 1/2``) this is ``gamma * (g1_t + g2_t)``."""
-    out: list[Tensor | None] = []
+    Without conflict (``alpha = 1/2``) this is ``gamma * (g1_t + g2_t)``. ``alpha`` and ``gamma``
+    may be 0-d device tensors; the norms stay on the device."""
+    pairs: list[tuple[Tensor, Tensor] | None] = []
     for a, b in zip(g1, g2):
         if a is None and b is None:
-            out.append(None)
+            pairs.append(None)
             continue
         a = torch.zeros_like(b) if a is None else a
         b = torch.zeros_like(a) if b is None else b
-        new = 2.0 * (alpha * a + (1.0 - alpha) * b)
-        new_norm = float(new.double().norm())
-        r = float((a + b).double().norm()) / new_norm if new_norm > 0.0 else 1.0
-        out.append(new * (gamma * max(1.0, r)))
-    return out
+        pairs.append((2.0 * (alpha * a + (1.0 - alpha) * b), a + b))
+    live = [p for p in pairs if p is not None]
+    if not live:
+        return [None] * len(pairs)
+    # every tensor's two norms at once (an elementwise division, as a Python one: no host sync)
+    norms = torch.stack([torch.stack([new.double().norm(), ab.double().norm()]) for new, ab in live])
+    r = torch.where(norms[:, 0] > 0.0, norms[:, 1] / norms[:, 0], 1.0)
+    factors = iter((gamma * r.clamp_min(1.0)).unbind())
+    return [None if p is None else p[0] * next(factors) for p in pairs]
 
 
 @register_method("mmpareto", summary="MMPareto: per-encoder MGDA of multimodal vs unimodal gradients on conflict, "
@@ -242,53 +257,57 @@ class MMPareto(Method):
         out, loss_mm, uni = self.losses(batch)
         loss_uni = torch.stack(uni).sum()
         if self.gradient_space == "parameters":
-            results = self._integrate_parameters(loss_mm, loss_uni)
+            r = self._integrate_parameters(loss_mm, loss_uni)
         else:
-            results = self._integrate_features(out, loss_mm, loss_uni)
+            r = self._integrate_features(out, loss_mm, loss_uni)
         tr.optimizer_step()
-        for m, r in zip(mods, results):
-            self.log(f"cos_{m}", r.cos)
-            self.log(f"conflict_{m}", float(r.conflict))
-            self.log(f"alpha_{m}", r.alpha)
-            self.log(f"scale_{m}", r.scale)
-        self.log("loss_mm", float(loss_mm.detach()))
+        for i, m in enumerate(mods):
+            self.log(f"cos_{m}", r.cos[i])
+            self.log(f"conflict_{m}", r.conflict[i])
+            self.log(f"alpha_{m}", r.alpha[i])
+            self.log(f"scale_{m}", r.scale[i])
+        self.log("loss_mm", loss_mm)
         for m, l in zip(mods, uni):
-            self.log(f"loss_{m}", float(l.detach()))
-        return {"loss": float((loss_mm + loss_uni).detach())}
+            self.log(f"loss_{m}", l)
+        return {"loss": (loss_mm + loss_uni).detach()}
 
-    def _integrate_parameters(self, loss_mm: Tensor, loss_uni: Tensor) -> list[Integration]:
+    def _integrate_parameters(self, loss_mm: Tensor, loss_uni: Tensor) -> Integration:
         """Two backward passes (global gradients on every rank after the engine's averaging);
-        each encoder's gradient replaced by MMPareto's combination, the rest summed."""
+        each encoder's gradient replaced by MMPareto's combination, the rest summed. The rule
+        runs once for all encoders on their (M,) Gram entries, on the device."""
         tr, model = self.trainer, self.model
+        mods = model.modalities
         params = list(model.parameters())
         tr.zero_grad()
         tr.backward(loss_mm, retain_graph=True)
         g_mm = {id(p): p.grad.detach().clone() for p in params if p.grad is not None}
         tr.zero_grad()
         tr.backward(loss_uni)
-        results = []
         with torch.no_grad():
-            for m in model.modalities:
-                ps = self._encoder_params[m]
-                g1 = [g_mm.get(id(p)) for p in ps]
-                g2 = [p.grad for p in ps]
-                r = mmpareto_coefficients(*gram(g1, g2), gamma=self.gamma, gamma_scope=self.gamma_scope)
+            g1 = {m: [g_mm.get(id(p)) for p in self._encoder_params[m]] for m in mods}
+            g2 = {m: [p.grad for p in self._encoder_params[m]] for m in mods}
+            G = torch.stack([torch.stack(gram(g1[m], g2[m])) for m in mods])  # (M, 3)
+            r = mmpareto_coefficients(G[:, 0], G[:, 1], G[:, 2], gamma=self.gamma, gamma_scope=self.gamma_scope)
+            sums = []
+            for i, m in enumerate(mods):
                 if self.rescale == "encoder":
-                    new = [_combine(a, b, r.c_mm, r.c_uni) for a, b in zip(g1, g2)]
+                    new = [_combine(a, b, r.c_mm[i], r.c_uni[i]) for a, b in zip(g1[m], g2[m])]
                 else:
-                    new = rescale_per_tensor(g1, g2, r.alpha, r.gamma)
-                    s1, _, s2 = gram([_combine(a, b, 1.0, 1.0) for a, b in zip(g1, g2)], new)
-                    r.scale = math.sqrt(float(s2) / float(s1)) if float(s1) > 0 else 0.0
-                for p, g in zip(ps, new):
+                    new = rescale_per_tensor(g1[m], g2[m], r.alpha[i], r.gamma[i])
+                    s1, _, s2 = gram([_combine(a, b, 1.0, 1.0) for a, b in zip(g1[m], g2[m])], new)
+                    sums.append(torch.stack([s1, s2]))
+                for p, g in zip(self._encoder_params[m], new):
                     p.grad = g
-                results.append(r)
+            if sums:  # ||final|| / ||g_mm + g_uni|| of the per-tensor rule
+                s12 = torch.stack(sums)
+                r.scale = torch.where(s12[:, 0] > 0, torch.sqrt(s12[:, 1] / s12[:, 0]), 0.0)
             for p in self._other_params:
                 a = g_mm.get(id(p))
                 if a is not None:
                     p.grad = a if p.grad is None else p.grad.add_(a)
-        return results
+        return r
 
-    def _integrate_features(self, out, loss_mm: Tensor, loss_uni: Tensor) -> list[Integration]:
+    def _integrate_features(self, out, loss_mm: Tensor, loss_uni: Tensor) -> Integration:
         """The rule on the gradients with respect to the encoder outputs (head-only autograd.grad),
         then one backward of ``L_mm + sum_m L_m`` whose gradient into each encoder is replaced by
         the combination (the heads get their summed gradient)."""
@@ -300,15 +319,13 @@ class MMPareto(Method):
         d_uni = [torch.zeros_like(f) if d is None else d for f, d in zip(feats, d_uni)]
         local = torch.stack([torch.stack(gram([a], [b])) for a, b in zip(d_mm, d_uni)])  # (M, 3)
         g = tr.all_reduce_sum(local)  # sums over the global batch (a common scale cancels)
-        results = []
+        r = mmpareto_coefficients(g[:, 0], g[:, 1], g[:, 2], gamma=self.gamma, gamma_scope=self.gamma_scope)
         for i, f in enumerate(feats):
-            r = mmpareto_coefficients(g[i, 0], g[i, 1], g[i, 2], gamma=self.gamma, gamma_scope=self.gamma_scope)
-            combined = (r.c_mm * d_mm[i] + r.c_uni * d_uni[i]).detach()
+            combined = (r.c_mm[i] * d_mm[i] + r.c_uni[i] * d_uni[i]).detach()
             f.register_hook(lambda _grad, c=combined: c)
-            results.append(r)
         tr.zero_grad()
         tr.backward(loss_mm + loss_uni)
-        return results
+        return r
 
 
 __all__ = ["Integration", "MMPareto", "gram", "min_norm_weight", "mmpareto_coefficients", "rescale_per_tensor"]

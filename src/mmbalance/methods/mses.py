@@ -126,7 +126,7 @@ class MSES(Method):
             self.model.encoders[m].eval()
         _, loss = self.fused_forward(batch)
         self.trainer.step(loss)
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}
 
     # ------------------------------------------------------------------ rollback
     def take_snapshot(self, m: str) -> None:

@@ -244,7 +244,7 @@ class MSLR(Method):
                         p.copy_(p0 + c * (p - p0))
         for m, c in self.multipliers.items():
             self.log(f"rate_{m}", c)
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}
 
     # ------------------------------------------------------------------ validation accuracy
     def unimodal_val_accuracy(self) -> dict[str, float]:

@@ -66,19 +66,21 @@ def select_parameters(module: nn.Module, scope: str) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def ogm_modulate_(params: Iterable[nn.Parameter], k: float, ge: bool = True,
+def ogm_modulate_(params: Iterable[nn.Parameter], k: float | Tensor, ge: bool = True,
                   generator: torch.Generator | None = None) -> None:
     """In place: g <- k * g (+ N(0, std(g)^2) noise per tensor with GE; std of the *original*
-    gradient, plus 1e-8, as the official code)."""
+    gradient, plus 1e-8, as the official code). ``k`` may be a 0-d device tensor: nothing is
+    read back to the host."""
     for p in params:
         g = p.grad
         if g is None:
             continue
-        std = float(g.float().std()) + 1e-8 if g.numel() > 1 else 1e-8
-        g.mul_(k)
+        if ge:  # float64 sum with 1e-8, then float32: the value a Python float would give
+            std = (g.float().std().double() + 1e-8).float() if g.numel() > 1 else torch.full((), 1e-8, device=g.device)
+        g.mul_(k.to(g.dtype) if isinstance(k, Tensor) else k)
         if ge:
             noise = torch.randn(g.shape, generator=generator, device=g.device, dtype=torch.float32)
-            g.add_(noise.to(g.dtype), alpha=std)
+            g.addcmul_(noise.to(g.dtype), std.to(g.dtype))  # g + std * noise, as add_(alpha=std)
 
 
 @register_method("ogm_ge", summary="OGM-GE: damp the dominant modality's encoder gradients + Gaussian noise (Peng 2022)",
@@ -144,9 +146,9 @@ class OGMGE(Method):
         mods = self.model.modalities
         out, loss = self.fused_forward(batch)
         y = batch["label"]
-        n = tr.all_reduce_sum(torch.tensor(float(y.numel()), device=y.device))
+        n = tr.all_reduce_sum(torch.full((), float(y.numel()), device=y.device))
         scores = tr.all_reduce_sum(ogm_scores([out.unimodal_logits[m] for m in mods], y))
-        k, rho = ogm_coefficients(scores, self.alpha, self.ratio_offset)
+        k, rho = ogm_coefficients(scores, self.alpha, self.ratio_offset)  # device tensors: no host sync
         tr.zero_grad()
         tr.backward(loss)
         active = self.in_window(tr.epoch)
@@ -154,10 +156,10 @@ class OGMGE(Method):
             gen = torch.Generator(device=y.device)
             gen.manual_seed(int(tr.cfg.train.seed) * 1_000_003 + int(tr.global_step))
             for i, m in enumerate(mods):
-                ogm_modulate_(self._params[m], float(k[i]), self.ge, gen)
+                ogm_modulate_(self._params[m], k[i], self.ge, gen)
         tr.optimizer_step()
         for i, m in enumerate(mods):
-            self.log(f"k_{m}", float(k[i]) if active else 1.0)
-            self.log(f"rho_{m}", float(rho[i]))
-            self.log(f"score_{m}", float(scores[i] / n))
-        return {"loss": float(loss.detach())}
+            self.log(f"k_{m}", k[i] if active else 1.0)
+            self.log(f"rho_{m}", rho[i])
+            self.log(f"score_{m}", scores[i] / n)
+        return {"loss": loss.detach()}

@@ -8,7 +8,6 @@ Pure math: :func:`opm_scores`, :func:`opm_drop_probabilities`, :func:`opm_random
 """
 from __future__ import annotations
 
-import math
 from typing import Annotated, Literal, Sequence
 
 import torch
@@ -44,7 +43,8 @@ def opm_scores(unimodal_logits: Sequence[Tensor], labels: Tensor,
 
 def opm_drop_probabilities(scores: Tensor, q_base: float, lam: float, counts: Tensor | None = None,
                            eps: float = 1e-12) -> tuple[Tensor, Tensor]:
-    """Drop probabilities ``q`` (M,) and discrepancy ratios ``rho`` (M,) from the scores ``s`` (M,).
+    """Drop probabilities ``q`` (M,) and discrepancy ratios ``rho`` (M,) from the scores ``s`` (M,),
+    float32, computed on the scores' device (float64 arithmetic; no host synchronisation).
 
     ``rho_m = s_m / mean_{n != m} s_n`` (two modalities: ``s_1 / s_2`` and its inverse);
     ``q_m = q_base * (1 + lam * tanh(rho_m - 1))`` where ``rho_m > 1``, else 0; clipped to [0, 1].
@@ -59,26 +59,24 @@ def opm_drop_probabilities(scores: Tensor, q_base: float, lam: float, counts: Te
     >>> round(float(q[0]), 4), float(q[1]), rho.tolist()
     (0.741, 0.0, [3.0, 0.3333333432674408])
     """
-    s = [float(x) for x in scores.detach().reshape(-1).tolist()]
-    M = len(s)
+    s = scores.detach().reshape(-1).double()
+    M = s.numel()
     if M < 2:
         raise ConfigError("opm needs at least two modalities")
     if counts is None:
-        on, mean = [True] * M, s
+        on, mean = torch.ones(M, dtype=torch.bool, device=s.device), s
     else:  # compare mean scores; a modality without samples takes no part
-        n = [float(x) for x in counts.detach().reshape(-1).tolist()]
-        on = [c > 0 for c in n]
-        mean = [si / ni if o else 0.0 for si, ni, o in zip(s, n, on)]
-    q, rho = [0.0] * M, [0.0] * M
-    k = sum(on)
-    if k >= 2:  # plain Python: M numbers, called every step
-        total = sum(x for x, o in zip(mean, on) if o)
-        for m in range(M):
-            if on[m]:
-                rho[m] = mean[m] / max((total - mean[m]) / (k - 1), eps)
-                if rho[m] > 1.0:
-                    q[m] = min(max(q_base * (1.0 + lam * math.tanh(rho[m] - 1.0)), 0.0), 1.0)
-    return torch.tensor(q), torch.tensor(rho)
+        n = counts.detach().reshape(-1).to(s)
+        on = n > 0
+        mean = torch.where(on, s / n, 0.0)
+    k = on.sum().to(s.dtype)
+    total = mean[0]
+    for i in range(1, M):  # left to right, as a Python sum (absent modalities add an exact 0)
+        total = total + mean[i]
+    part = on & (k >= 2)
+    rho = torch.where(part, mean / ((total - mean) / (k - 1.0)).clamp_min(eps), 0.0)
+    q = torch.where(part & (rho > 1.0), (q_base * (1.0 + lam * torch.tanh(rho - 1.0))).clamp(0.0, 1.0), 0.0)
+    return q.float(), rho.float()
 
 
 def opm_random_draws(seed: int, table_size: int, num_modalities: int) -> tuple[float, Tensor]:
@@ -123,9 +121,9 @@ def opm_rescale(q: Tensor, dims: Sequence[int], mode: str = "concat") -> Tensor:
         return torch.ones_like(q).float()
     if mode == "per_modality":
         return (1.0 / (1.0 - q).clamp_min(1e-6)).float()
-    d = torch.tensor([float(x) for x in dims], dtype=torch.float64)
-    theta = float((d * q).sum() / d.sum())
-    return torch.full_like(q, 1.0 / max(1.0 - theta, 1e-6)).float()
+    # theta = sum_m d_m q_m / sum_m d_m on q's device (the widths are host numbers)
+    theta = torch.stack([q[i] * float(d) for i, d in enumerate(dims)]).sum() / float(sum(float(d) for d in dims))
+    return (1.0 / (1.0 - theta).clamp_min(1e-6)).expand(q.shape).float()
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -191,7 +189,9 @@ class OPM(Method):
     window, where nothing is dropped), ``rho_<m>``, ``score_<m>`` (mean true-class probability),
     ``executed`` (fraction of steps that dropped), ``dropped_<m>`` (fraction of the batch's
     samples whose m was dropped), ``removed`` (fraction of samples removed). Cost: ~1.0x joint
-    training (one extra fusion-head evaluation on dropping steps).
+    training (one extra fusion-head evaluation on dropping steps). Host synchronisation: the
+    probabilities and masks stay on the device; a dropping step reads the global number of kept
+    samples once (none kept anywhere = no update), and the execution draw is a host number.
     """
 
     def __init__(self, q_base: Annotated[float, Interval(0, 1)] = 0.5,
@@ -231,17 +231,21 @@ class OPM(Method):
             else:
                 out = model.fuse(feats, present)
         pres = torch.stack([present[m].view(-1) for m in mods], 1)  # (B, M) bool
-        # one collective every step: score sums and present counts per modality
+        # one collective every step: score sums and present counts per modality (device tensors:
+        # q and rho are computed on the device, no host synchronisation)
         stats = tr.all_reduce_sum(torch.stack([
             opm_scores([out.unimodal_logits[m] for m in mods], y, [present[m] for m in mods]),
-            pres.sum(0).double()], 1)).cpu()
+            pres.sum(0).double()], 1))
         scores, counts = stats[:, 0], stats[:, 1]
         q, rho = opm_drop_probabilities(scores, self.q_base, self.lam, counts)
         loss = None
         if executed:
-            keep = opm_keep_masks(table[batch["index"].cpu()], q).to(y.device)  # (B, M)
+            # this batch's rows of the step's table (drawn on the host by dataset index; the
+            # copy to the device does not wait for it)
+            idx = batch["index"]
+            keep = opm_keep_masks(table.to(idx.device, non_blocking=True)[idx], q).to(y.device)  # (B, M)
             scale = opm_rescale(q, [model.feature_dim(m) for m in mods], self.rescale)
-            modulated = {m: feats[m] * (keep[:, i].view(-1, 1).to(feats[m].dtype) * float(scale[i]))
+            modulated = {m: feats[m] * (keep[:, i].view(-1, 1).to(feats[m].dtype) * scale[i].to(feats[m].dtype))
                          for i, m in enumerate(mods)}
             kept = (keep & pres).any(1)  # a sample keeps at least one present modality
             with tr.autocast():
@@ -249,11 +253,13 @@ class OPM(Method):
             # second collective, on every process alike (the execution draw is shared): the number
             # of kept samples and of dropped features per modality in the global batch
             drop_stats = tr.all_reduce_sum(torch.cat([kept.sum().view(1), ((~keep) & pres).sum(0),
-                                                      torch.tensor([y.numel()], device=y.device)]).double()).cpu()
-            n_kept, n_all = float(drop_stats[0]), float(drop_stats[-1])
+                                                      torch.full((1,), y.numel(), device=y.device)]).double())
             for i, m in enumerate(mods):
-                self.log(f"dropped_{m}", float(drop_stats[1 + i]) / max(float(counts[i]), 1.0))
-            self.log("removed", 1.0 - n_kept / max(n_all, 1.0))
+                self.log(f"dropped_{m}", drop_stats[1 + i] / counts[i].clamp(min=1.0))
+            self.log("removed", 1.0 - drop_stats[0] / drop_stats[-1].clamp(min=1.0))
+            # the one host read of the step: with no sample kept anywhere there is no update at
+            # all (a zero loss would still move the weights through momentum and weight decay)
+            n_kept = float(drop_stats[0])
             if n_kept > 0:
                 loss = masked_cross_entropy(out.logits, y, kept, n_kept, tr.world_size)
         else:
@@ -264,13 +270,12 @@ class OPM(Method):
         for i, m in enumerate(mods):
             self.log(f"q_{m}", q[i])
             self.log(f"rho_{m}", rho[i])
-            if float(counts[i]) > 0:
-                self.log(f"score_{m}", float(scores[i] / counts[i]))
+            self.log(f"score_{m}", scores[i] / counts[i], weight=counts[i] > 0)
         self.log("executed", float(executed))
         if loss is None:  # every sample of the global batch lost all its features: no update
             return {"loss": 0.0}
         tr.step(loss)
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}
 
 
 __all__ = ["OPM", "opm_drop_probabilities", "opm_keep_masks", "opm_random_draws", "opm_rescale", "opm_scores"]

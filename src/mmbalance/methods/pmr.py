@@ -10,6 +10,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Subset
 
@@ -55,19 +56,20 @@ def prototype_scores(features: Tensor, prototypes: Tensor, labels: Tensor) -> Te
         return prototype_logits(features, prototypes).softmax(1).gather(1, labels.view(-1, 1)).sum()
 
 
-def pmr_weak_modalities(scores: Sequence[float] | Tensor) -> list[bool]:
-    """Which modalities get the prototypical CE: those whose score ratio to the best is < 1.
+def pmr_weak_modalities(scores: Sequence[float] | Tensor) -> Tensor:
+    """Which modalities get the prototypical CE: those whose score ratio to the best is < 1
+    (none when the best score is not positive). A bool tensor (M,) on the scores' device,
+    computed there (no host synchronisation); ``s_m / best < 1`` is evaluated as the
+    equivalent ``s_m < best``.
 
     For M = 2 this is the official rule: rho = s_a / s_v > 1 -> v, < 1 -> a, = 1 -> none.
 
-    >>> pmr_weak_modalities([3.0, 2.0]), pmr_weak_modalities([1.0, 1.0]), pmr_weak_modalities([1, 3, 2])
-    ([False, True], [False, False], [True, False, True])
+    >>> [pmr_weak_modalities(s).tolist() for s in ([3.0, 2.0], [1.0, 1.0], [1, 3, 2])]
+    [[False, True], [False, False], [True, False, True]]
     """
-    s = [float(x) for x in scores]
-    best = max(s)
-    if best <= 0:
-        return [False] * len(s)
-    return [x / best < 1.0 for x in s]
+    s = scores.detach() if isinstance(scores, Tensor) else torch.as_tensor(scores, dtype=torch.float64)
+    best = s.max()
+    return (s < best) & (best > 0)
 
 
 def prototype_positions(n: int, batch_size: int, fraction: float, seed: int) -> list[int]:
@@ -195,34 +197,38 @@ class PMR(Method):
         mods = self.model.modalities
         out, loss = self.fused_forward(batch)
         y = batch["label"]
-        # samples missing a modality take no part in that modality's prototype terms
-        keep = {m: batch["present"][m] for m in mods}
-        d = {m: prototype_logits(out.features[m][keep[m]], self.prototypes[m]) for m in mods}
-        ym = {m: y[keep[m]] for m in mods}
-        pce_sum = {m: torch.nn.functional.cross_entropy(d[m], ym[m], reduction="sum") for m in mods}
+        # samples missing a modality take no part in that modality's prototype terms (masked on
+        # the device: every row is scored, absent rows weigh 0; no data-dependent shapes)
+        keep = {m: batch["present"][m].to(torch.bool) for m in mods}
+        d = {m: prototype_logits(out.features[m], self.prototypes[m]) for m in mods}
+        pce_sum = {m: (F.cross_entropy(d[m], y, reduction="none") * keep[m]).sum() for m in mods}
         # per modality: score sum, PCE sum, nearest-prototype hits, present samples (one all-reduce)
         stats = tr.all_reduce_sum(torch.stack([torch.stack([
-            d[m].detach().softmax(1).gather(1, ym[m].view(-1, 1)).sum(), pce_sum[m].detach(),
-            (d[m].detach().argmax(1) == ym[m]).sum().float(), keep[m].sum().float()]) for m in mods]))
+            (d[m].detach().softmax(1).gather(1, y.view(-1, 1)).squeeze(1) * keep[m]).sum(), pce_sum[m].detach(),
+            ((d[m].detach().argmax(1) == y) & keep[m]).sum().float(), keep[m].sum().float()]) for m in mods]))
         scores, counts = stats[:, 0], stats[:, 3]
         weak = pmr_weak_modalities(scores)
         active = self.in_window(tr.epoch)
-        best = float(scores.max())
-        for i, m in enumerate(mods):
-            n = float(counts[i])  # present samples of m in the global batch
-            if active and weak[i] and n > 0:
+        if active:
+            for i, m in enumerate(mods):
                 # CE(d_m, y) = the mean over the global batch's present samples; the engine
-                # averages the processes' gradients, hence world_size * local sum / global count
-                loss = loss + self.alpha * pce_sum[m] * (tr.world_size / n)
-            self.log(f"weak_{m}", float(active and weak[i]))
-            self.log(f"ratio_{m}", float(scores[i]) / best if best > 0 else 1.0)
-            if n > 0:
-                self.log(f"pce_{m}", float(stats[i, 1]) / n)
-                self.log(f"proto_acc_{m}", float(stats[i, 2]) / n)
-        if len(mods) == 2 and float(scores[1]) > 0:
-            self.log("rho", float(scores[0] / scores[1]))
+                # averages the processes' gradients, hence world_size * local sum / global count.
+                # Only the weaker modalities with a present sample: a 0/1 selection on the device
+                n = counts[i].double()
+                factor = (n.new_full((), float(tr.world_size)) / n.clamp(min=1.0)).float()
+                term = self.alpha * pce_sum[m] * factor
+                loss = loss + torch.where(weak[i] & (counts[i] > 0), term, torch.zeros_like(term))
+        best = scores.max().double()
+        s64, n64 = scores.double(), counts.double()
+        for i, m in enumerate(mods):
+            self.log(f"weak_{m}", weak[i] & (counts[i] > 0) if active else 0.0)  # m got the PCE
+            self.log(f"ratio_{m}", torch.where(best > 0, s64[i] / best, 1.0))
+            self.log(f"pce_{m}", stats[i, 1].double() / n64[i], weight=n64[i] > 0)
+            self.log(f"proto_acc_{m}", stats[i, 2].double() / n64[i], weight=n64[i] > 0)
+        if len(mods) == 2:
+            self.log("rho", scores[0] / scores[1], weight=scores[1] > 0)
         tr.step(loss)
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self):

@@ -43,9 +43,7 @@ def minmax_normalise(values: Tensor, history: Tensor) -> Tensor:
     """(values - min(history)) / (max(history) - min(history)); zeros when the history is flat."""
     lo, hi = history.min(), history.max()
     span = hi - lo
-    if float(span) <= 0:
-        return torch.zeros_like(values)
-    return (values - lo) / span
+    return torch.where(span > 0, (values - lo) / span, torch.zeros_like(values))  # on the device
 
 
 def qmf_rank_target_margin(hist_i: Tensor, hist_j: Tensor) -> tuple[Tensor, Tensor]:
@@ -232,15 +230,14 @@ class QMF(Method):
             rank = qmf_global_rank_loss(w[m], self.history.normalised(m, idx), tr.rank, tr.world_size,
                                         tr.all_reduce_sum)
             loss = loss + per_sample[m].mean() + self.lambda_rank * rank
-            rank_total += float(rank.detach())
-            self.log(f"conf_{m}", float(tr.all_reduce_mean(w[m].detach().float().mean())))
-            self.log(f"rank_loss_{m}", float(rank.detach()))
+            rank_total = rank_total + rank.detach().double()  # device tensors: no host synchronisation
+            self.log(f"conf_{m}", tr.all_reduce_mean(w[m].detach().float().mean()))
+            self.log(f"rank_loss_{m}", rank.detach())
         self.log("rank_loss", rank_total)
         tr.step(loss)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        for m in self.model.modalities:
-            self.history.update(m, idx, per_sample[m], tr.all_reduce_sum if distributed else None)
-        return {"loss": float(loss.detach()), "rank_loss": rank_total}
+        for m in self.model.modalities:  # several processes: every rank adds every rank's samples
+            self.history.update(m, idx, per_sample[m], tr.all_reduce_sum if tr.world_size > 1 else None)
+        return {"loss": loss.detach(), "rank_loss": rank_total}
 
     def predict(self, batch):
         out = self.model(batch["inputs"], batch["present"])

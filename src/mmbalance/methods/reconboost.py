@@ -249,14 +249,14 @@ class ReconBoost(Method):
         self.log("phase", pos.phase)
         for i, m in enumerate(self.model.modalities):
             self.log(f"learner_{m}", float(pos.phase == 1 and i == pos.learner))
-        self.log("beta", float(self.model.fusion.beta.detach()))
+        self.log("beta", self.model.fusion.beta.detach().clone())
         return self._boost(batch, pos) if pos.phase == 1 else self._rectify(batch)
 
     def _rectify(self, batch):
         out, loss = self.fused_forward(batch)
         self.trainer.step(loss)
-        self.log("rectify_loss", float(loss.detach()))
-        return {"loss": float(loss.detach())}
+        self.log("rectify_loss", loss)
+        return {"loss": loss.detach()}
 
     def _boost(self, batch, pos: StagePosition):
         tr, model = self.trainer, self.model
@@ -275,24 +275,25 @@ class ReconBoost(Method):
         has_m = present[m].view(-1)
         has_both = has_m & present[prev].view(-1) if prev is not None else torch.zeros_like(has_m)
         counts = tr.all_reduce_sum(torch.stack([has_m.sum(), has_both.sum()]).to(torch.float64))
-        if float(counts[0]) == 0.0:  # no process has a sample of m: every process skips alike
+        n_m, n_both = counts.tolist()  # the step's one host read: whether any process has m
+        if n_m == 0.0:  # no process has a sample of m: every process skips alike
             return {}
         W = float(tr.world_size)
         per = boosting_loss(zm[m], ens, y, self.weight1, self.weight2)
-        boost = (per * has_m.to(per.dtype)).sum() * (W / float(counts[0]))
+        boost = (per * has_m.to(per.dtype)).sum() * (W / n_m)
         loss = boost
         if prev is not None and self.alpha > 0.0:
             ga = consolidation_loss(zm[m], zm[prev], detach_current=self.reconcile_grad == "detached")
-            cons = (ga * has_both.to(ga.dtype)).sum() * (W / max(float(counts[1]), 1.0))
+            cons = (ga * has_both.to(ga.dtype)).sum() * (W / max(n_both, 1.0))
             loss = loss + self.alpha * cons
-            self.log("consolidation_loss", float(cons.detach()))
+            self.log("consolidation_loss", cons)
         tr.step(loss)
-        self.log("boost_loss", float(boost.detach()))
+        self.log("boost_loss", boost)
         if ens is not None:
             with torch.no_grad():
                 p = ens.float().softmax(1).gather(1, y.view(-1, 1)).squeeze(1)
-                self.log("p_others", float((p * has_m).sum() / has_m.sum().clamp(min=1)))
-        return {"loss": float(loss.detach())}
+                self.log("p_others", (p * has_m).sum() / has_m.sum().clamp(min=1))
+        return {"loss": loss.detach()}
 
 
 __all__ = ["BoostEnsemble", "ReconBoost", "StagePosition", "boosting_loss", "boosting_weights",

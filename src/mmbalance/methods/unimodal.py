@@ -36,4 +36,4 @@ class Unimodal(Method):
     def training_step(self, batch):
         _, loss = self.fused_forward(batch)
         self.trainer.step(loss)
-        return {"loss": float(loss.detach())}
+        return {"loss": loss.detach()}

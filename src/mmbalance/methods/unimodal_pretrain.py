@@ -91,8 +91,10 @@ def reduced_member_losses(per_sample: Mapping[str, Tensor], present: Mapping[str
 
 def encode_member(encoder: nn.Module, x: Tensor, present: Tensor | None, policy: str = "input") -> Tensor:
     """A member encoder's feature; with the ``input`` absent policy absent samples get a zero
-    input, as :meth:`MultimodalModel.encode` does (their losses are masked out anyway)."""
-    if present is not None and policy == "input" and not bool(present.all()):
+    input, as :meth:`MultimodalModel.encode` does (their losses are masked out anyway). The mask
+    is applied whatever it holds (times 1 leaves a present input exactly as it is), so the host
+    never reads it."""
+    if present is not None and policy == "input":
         x = x * present.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
     return encoder(x)
 

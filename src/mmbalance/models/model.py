@@ -55,8 +55,10 @@ class MultimodalModel(nn.Module):
 
     # -- encoding ---------------------------------------------------------------------------
     def encode(self, m: str, x: Tensor, present: Tensor | None = None) -> Tensor:
-        """Encode one modality; with the ``input`` policy absent samples get a zero input."""
-        if present is not None and self.absent_policy == "input" and not bool(present.all()):
+        """Encode one modality; with the ``input`` policy absent samples get a zero input (the
+        mask is applied whatever it holds: times 1 leaves a present input exactly as it is, and
+        the host never waits to read it)."""
+        if present is not None and self.absent_policy == "input":
             x = x * present.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
         return self.encoders[m](x)
 
@@ -71,7 +73,7 @@ class MultimodalModel(nn.Module):
         feats = dict(features)
         if present and self.absent_policy == "feature":
             for m, p in present.items():
-                if m in feats and not bool(p.all()):
+                if m in feats:
                     feats[m] = feats[m] * p.view(-1, 1).to(feats[m].dtype)
         z, zm = self.fusion(feats)
         return Output(z, zm, feats)
