@@ -18,7 +18,7 @@ declare -A TESTS=([metrics]="tests/test_evaluation.py" [probe]="tests/test_evalu
                   [shapley]="tests/test_valuation.py" [contribution]="tests/test_valuation.py"
                   [valuation]="tests/test_valuation.py" [base]="tests/test_joint.py tests/test_arl.py"
                   [joint]="tests/test_joint.py" [unimodal]="tests/test_joint.py"
-                  [_grad]="tests/test_agm.py" [imbalance]="tests/test_analyze.py")
+                  [_grad]="tests/test_agm.py tests/test_grad_scale.py" [imbalance]="tests/test_analyze.py")
 mods=("$@")
 if [ ${#mods[@]} -eq 0 ]; then
   mods=(metrics probe shapley contribution imbalance)

@@ -54,6 +54,8 @@ def test_gaps_and_ratios_by_hand():
         {"a": pytest.approx(-0.04), "b": pytest.approx(0.0), "c": None}
     assert ratios_to_max({"a": 3.0, "b": 1.5, "c": None}) == {"a": 1.0, "b": 0.5, "c": None}
     assert ratios_to_max({"a": 0.0, "b": 0.0}) == {"a": None, "b": None}
+    assert ratios_to_max({"a": None, "b": float("nan")}) == {"a": None, "b": None}  # nothing to divide by
+    assert ratios_to_max({}) == {}
     assert imbalance_ratio({"a": 4.0, "b": 1.0, "c": 2.0}) == pytest.approx(0.25)
     assert imbalance_ratio({"a": 4.0}) is None
 
@@ -68,6 +70,15 @@ def test_contribution_summary_by_hand():
     assert s["per_class"]["b"] == [pytest.approx(0.75), pytest.approx(0.25), pytest.approx(0.5), None]
     assert s["class_counts"] == [2, 2, 1, 0]
     assert s["ratio"] == {"a": 1.0, "b": pytest.approx(2.5 / 3.5)} and s["imbalance"] == pytest.approx(2.5 / 3.5)
+    assert s["n"] == 5
+
+
+def test_contribution_shares_at_a_total_of_one_and_of_zero():
+    y = torch.tensor([0, 1])
+    one = contribution_summary(torch.tensor([[0.5, 0.25], [1.0, 0.25]]), y, ["a", "b"], 2)  # means 0.75 + 0.25
+    assert one["share"] == {"a": pytest.approx(0.75), "b": pytest.approx(0.25)}
+    zero = contribution_summary(torch.tensor([[1.0, -1.0], [0.5, -0.5]]), y, ["a", "b"], 2)  # they cancel
+    assert zero["share"] == {"a": None, "b": None} and zero["mean"] == {"a": 0.75, "b": -0.75}
 
 
 def test_modality_gap_by_hand():
@@ -100,6 +111,24 @@ def test_singular_values_of_heads():
     assert spec["fc"]["condition"] is None or spec["fc"]["condition"] > 1e6  # rank 2 of 4: (near) singular
     late = head_singular_values(create_fusion("late", {"a": 3, "b": 2}, 4))
     assert set(late) == {"heads.a", "heads.b"} and late["heads.a"]["shape"] == [4, 3]
+
+
+def test_spectra_of_other_shapes_norms_and_a_zero_layer():
+    # trailing dimensions flattened (a convolution's weight): the spectrum of the (out, rest) matrix
+    w = torch.arange(12, dtype=torch.float32).reshape(2, 3, 2) - 5.0
+    assert singular_values(w) == pytest.approx(torch.linalg.svdvals(w.reshape(2, 6).double()).tolist())
+    # a bare linear layer is keyed "head"; its Frobenius norm and condition number
+    lin = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[3.0, 0.0], [0.0, -0.5]]))
+    spec = head_singular_values(lin)
+    assert set(spec) == {"head"}
+    assert spec["head"]["frobenius"] == pytest.approx(math.sqrt(9.25))
+    assert spec["head"]["condition"] == pytest.approx(6.0)
+    with torch.no_grad():
+        lin.weight.zero_()  # a zero-initialised layer: no condition number, norm 0
+    spec = head_singular_values(lin)
+    assert spec["head"]["condition"] is None and spec["head"]["frobenius"] == 0.0
 
 
 # ----------------------------------------------------------------------------- a run

@@ -106,6 +106,39 @@ def test_encoders_learn_only_from_unimodal_losses_and_the_head_only_from_the_fus
     assert float(loss.detach()) == pytest.approx(total, rel=1e-6)
 
 
+def test_defaults_are_the_public_codes_and_an_explicit_unimodal_rule_is_kept():
+    assert create_method("dgl").alpha == 4.0  # main_dgl.py's CREMA-D value
+    over = quick_config("dgl", epochs=1, **{"model.fusion": "gated",
+                                             "model.fusion_options": {"unimodal": "zero_others"}})
+    assert Trainer(over).model.fusion.unimodal == "zero_others"  # the user's choice, not the "self" default
+
+
+def test_step_reports_its_losses_and_logs_the_means_over_present_samples():
+    """The step returns L and L_fused; the diagnostics are CE_m over the samples where m is
+    present — also when a single sample has m (logged, not skipped) — and the fused CE."""
+    tr = _trainer(alpha=2.0)
+    batch = _batch(tr)
+    y, pres = batch["label"], {m: p.clone() for m, p in batch["present"].items()}
+    pres["b"][:] = False
+    pres["b"][5] = True  # one sample has b; the others a zero input (the data contract)
+    batch = {**batch, "present": pres,
+             "inputs": {**batch["inputs"], "b": batch["inputs"]["b"] * pres["b"].view(-1, 1).float()}}
+    ref = copy.deepcopy(tr.model)
+    with torch.no_grad():
+        out = ref(batch["inputs"], pres)
+        ce_fused = float(F.cross_entropy(out.logits, y))
+        ce_a = float(F.cross_entropy(out.unimodal_logits["a"], y))
+        ce_b = float(F.cross_entropy(out.unimodal_logits["b"][5:6], y[5:6]))
+    tr.model.train()
+    got = tr.method.training_step(batch)
+    assert float(got["loss_fused"]) == pytest.approx(ce_fused, rel=1e-5)
+    assert float(got["loss"]) == pytest.approx(ce_fused + 2.0 * (ce_a + ce_b), rel=1e-5)
+    d = tr.method.epoch_diagnostics()
+    assert d["loss_fused"] == pytest.approx(ce_fused, rel=1e-5)
+    assert d["loss_a"] == pytest.approx(ce_a, rel=1e-5)
+    assert d["loss_b"] == pytest.approx(ce_b, rel=1e-5)
+
+
 def test_alpha_zero_leaves_the_encoders_untrained():
     tr = _trainer(alpha=0.0)
     batch = _batch(tr)
@@ -118,8 +151,11 @@ def test_alpha_zero_leaves_the_encoders_untrained():
         create_method("dgl", alpha=-1)
 
 
-def test_unimodal_terms_leave_out_absent_samples():
-    tr = _trainer(missing=0.4, alpha=1.0)
+@pytest.mark.parametrize("policy", ["input", "feature"])
+def test_unimodal_terms_leave_out_absent_samples(policy):
+    """Under either absent policy: CE_m over the samples where m is present, and the fused loss on
+    the fusion's view of the batch (with ``feature``, absent samples' features zeroed)."""
+    tr = _trainer(missing=0.4, alpha=1.0, policy=policy)
     batch = _batch(tr)
     y, pres = batch["label"], batch["present"]
     assert not pres["a"].all() and not pres["b"].all()

@@ -57,6 +57,32 @@ def test_kmeans_reaches_the_brute_force_optimum():
     assert torch.allclose(centers[assign], torch.stack([x[assign == assign[i]].mean(0) for i in range(8)]))
 
 
+def test_kmeans_stopping_rule_is_relative_to_the_feature_variance():
+    """scikit-learn's rule (stop when the squared center shift is at most tol times the mean
+    feature variance) makes k-means invariant to the units of the features: the same clustering
+    for x, x / 1000 and x * 1000, which Lloyd needs several iterations to reach."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(60, 2, generator=g, dtype=torch.float64)
+    several = []
+    for seed in range(3):
+        a = kmeans(x, 4, seed=seed)[0]
+        several.append(not torch.equal(kmeans(x, 4, seed=seed, max_iter=1)[0], a))
+        for c in (1e-3, 1e3):
+            assert torch.equal(kmeans(x * c, 4, seed=seed)[0], a), (seed, c)
+    assert any(several)  # one Lloyd iteration is not enough here: the stopping rule matters
+
+
+def test_kmeans_handles_more_dimensions_than_points():
+    """Encoder features are often wider than a small split (512-d features, a few hundred
+    validation samples): every point can seed the first center, and the clustering is the optimum."""
+    x = torch.zeros(6, 40, dtype=torch.float64)
+    x[:3, 0], x[3:, 1] = 1.0, 1.0
+    x += 0.01 * torch.randn(6, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for seed in range(10):
+        assign, _, _ = kmeans(x, 2, seed=seed, n_init=3)
+        assert cluster_purity(torch.tensor([0, 0, 0, 1, 1, 1]), assign) == 1.0, seed
+
+
 def test_kmeans_moves_an_emptied_cluster_onto_the_data():
     """Two distinct points for three clusters: two centers coincide and one cluster empties; it is
     moved onto a data point (never left at the origin), and nothing is NaN."""
@@ -78,6 +104,7 @@ def test_kmeans_is_seeded_and_separability_finds_separated_classes():
     noise = torch.randn(90, 4, generator=g)
     assert separability(noise, y, 3, seed=0) < 0.7
     assert math.isnan(separability(blobs[:2], y[:2], 3))     # fewer samples than clusters
+    assert separability(blobs[:3], y[:3], 3) == 1.0           # as many: one sample per cluster
 
 
 def test_separability_scales_every_feature_to_the_same_range():
@@ -102,6 +129,12 @@ def test_soft_reinit_by_hand():
     p = torch.nn.Parameter(torch.tensor([1.0, 3.0]))
     soft_reinit_([p], [torch.tensor([-1.0, 0.0])], 0.25)
     assert p.detach().tolist() == pytest.approx([0.75 * 1.0 + 0.25 * -1.0, 0.75 * 3.0])
+
+
+def test_defaults_are_the_public_scripts():
+    m = create_method("dr")
+    assert (m.lam, m.interval, m.max_reinits) == (3.0, 20, 3)  # script/ours.sh
+    assert (m.kmeans_init, m.kmeans_iter) == (1, 300)           # scikit-learn's k-means++ defaults
 
 
 def test_options_are_validated():
@@ -162,6 +195,21 @@ def test_diagnosis_uses_eval_mode_features_and_restores_the_model(was_training):
         assert d[f"purity_train_{m}"] == pytest.approx(p_tr) and d[f"purity_val_{m}"] == pytest.approx(p_va)
         assert alphas[m] == pytest.approx(math.tanh(3.0 * abs(p_tr - p_va)))
         assert d[f"alpha_{m}"] == pytest.approx(alphas[m])
+
+
+def test_kmeans_options_reach_every_clustering(monkeypatch):
+    import mmbalance.methods.dr as dr
+
+    calls = []
+
+    def spy(features, labels, num_clusters, **kw):
+        calls.append((num_clusters, kw["n_init"], kw["max_iter"]))
+        return separability(features, labels, num_clusters, **kw)
+
+    monkeypatch.setattr(dr, "separability", spy)
+    tr = _trainer(kmeans_init=4, kmeans_iter=7)
+    tr.method.diagnose(epoch=1)
+    assert calls == [(3, 4, 7)] * 4  # two modalities x (train, val)
 
 
 def test_missing_samples_are_left_out_of_the_clustering():
@@ -244,6 +292,44 @@ def test_resume_replays_the_re_initialisation():
     for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(p, q), n
     assert a.method.epoch_diagnostics() == b.method.epoch_diagnostics()
+
+
+def test_resume_keeps_the_count_of_re_initialisations():
+    """A run resumed after two of three re-initialisations makes one more; one resumed after the
+    last makes none and carries no copy of the initial weights. A checkpoint without method state
+    (the engine passes {}) leaves the method as set up."""
+    a = _trainer(interval=1, max_reinits=3)
+    for _ in range(2):
+        a.method.relearn({"a": 0.1, "v": 0.1})
+    b = _trainer(interval=1, max_reinits=3)
+    b.method.load_state_dict(copy.deepcopy(a.method.state_dict()))
+    assert b.method.count == 2
+    due = []
+    for e in range(2, 9):
+        if b.method.due(e):
+            due.append(e)
+            b.method.relearn({"a": 0.1, "v": 0.1})
+    assert due == [2] and b.method.initial is None
+    a.method.relearn({"a": 0.1, "v": 0.1})
+    done = a.method.state_dict()
+    assert done == {"count": 3}
+    c = _trainer(interval=1, max_reinits=3)
+    c.method.load_state_dict(done)
+    assert c.method.initial is None and c.method.state_dict() == {"count": 3}
+    assert not any(c.method.due(e) for e in range(2, 9))
+    fresh = _trainer(interval=1, max_reinits=3)
+    fresh.method.load_state_dict({})
+    assert fresh.method.count == 0 and fresh.method.initial is not None and fresh.method.due(2)
+
+
+def test_state_loads_without_a_trainer_onto_the_cpu():
+    """Inspecting a checkpoint outside a run: ``create_method("dr").load_state_dict(state)``."""
+    st = copy.deepcopy(_trainer(interval=1).method.state_dict())
+    m = create_method("dr")
+    m.load_state_dict(st)
+    assert m.count == 0 and set(m.initial) == {"a", "v"}
+    assert all(t.device.type == "cpu" and torch.equal(t, st["initial"][k][n])
+               for k, d in m.initial.items() for n, t in d.items())
 
 
 def test_any_fusion_and_three_modalities(tmp_path):

@@ -50,6 +50,36 @@ def test_combination_by_hand_over_present_modalities():
         ensemble_logits(z, pres, "median")
 
 
+def test_one_present_member_alone_and_every_row_a_log_probability():
+    """A sample with one modality present is predicted by that member alone; a sample with none
+    gets the uniform distribution; every row is a normalised log-probability (its exp sums to 1),
+    whatever the batch size and number of members."""
+    z = {"a": torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0], [3.0, 0.0, 0.0], [0.2, 0.1, 0.0]]),
+         "b": torch.tensor([[0.0, 3.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.5]]),
+         "c": torch.tensor([[-2.0, 0.0, 2.0], [0.5, 0.0, 0.0], [1.0, 2.0, 3.0], [0.0, 0.3, 0.0]])}
+    pres = {"a": torch.tensor([True, False, False, False]), "b": torch.tensor([False, True, False, False]),
+            "c": torch.tensor([False, True, False, True])}
+    got = ensemble_logits(z, pres)
+    assert got[0].softmax(0).tolist() == pytest.approx(_softmax([1, 0, -1]), abs=1e-6)  # a alone
+    assert got[3].softmax(0).tolist() == pytest.approx(_softmax([0, 0.3, 0]), abs=1e-6)  # c alone
+    want1 = [(x + y) / 2 for x, y in zip(_softmax([1, 1, 1]), _softmax([0.5, 0, 0]))]
+    assert got[1].exp().tolist() == pytest.approx(want1, abs=1e-6)
+    assert got[2].tolist() == pytest.approx([math.log(1 / 3)] * 3)  # nothing present: uniform
+    assert got.exp().sum(1).tolist() == pytest.approx([1.0] * 4)
+    two = {m: v[:2] for m, v in z.items()}  # a batch smaller than the number of members
+    none_first = {"a": torch.tensor([False, True]), "b": torch.tensor([False, True]), "c": torch.tensor([False, False])}
+    got = ensemble_logits(two, none_first)
+    assert got[0].tolist() == pytest.approx([math.log(1 / 3)] * 3) and got.exp().sum(1).tolist() == pytest.approx([1, 1])
+
+
+def test_prediction_stays_on_the_members_device():
+    """The weights are made on the logits' device (the meta device stands for a GPU here)."""
+    z = {m: torch.empty(4, 3, device="meta") for m in ("a", "b")}
+    assert ensemble_logits(z, None, "logits").device.type == "meta"
+    pres = {m: torch.ones(4, dtype=torch.bool, device="meta") for m in ("a", "b")}
+    assert ensemble_logits(z, pres, "logits").device.type == "meta"
+
+
 def test_step_is_the_sum_of_member_losses_over_present_samples():
     tr = make(data=tiny_data(48, hidden=[8], dropout=0.0, missing=0.4))
     batch = first_batch(tr)

@@ -68,6 +68,9 @@ def test_holdout_split_disjoint_stratified_seeded():
     assert not torch.equal(ho, holdout_split(labels, 0.2, seed=4)[1])
     with pytest.raises(ValueError, match="holdout_fraction"):
         holdout_split(labels, 1.0, seed=0)
+    for bad in (0.0, 1.2, -0.2):  # a direct call outside (0, 1) never returns a split
+        with pytest.raises(ValueError, match=r"holdout_fraction must be in \(0, 1\)"):
+            holdout_split(labels, bad, seed=0)
     with pytest.raises(ConfigError, match="leaves an empty part"):  # data-dependent
         holdout_split(np.arange(3), 0.1, seed=0)
 
@@ -407,3 +410,115 @@ def test_holdout_options_reach_the_split():
     assert torch.equal(tr.method.holdout_idx, holdout_split(labels, 0.3, 7)[1])
     tr = trainer(data=data)  # default: the run's seed, 20 %
     assert torch.equal(tr.method.holdout_idx, holdout_split(labels, 0.2, tr.cfg.train.seed)[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# mutation-testing additions
+def test_unimodal_output_loss_with_encoders_of_unequal_width():
+    """A modality's copy sees only that modality even when the others' features have another
+    width (the absent features take each modality's own width)."""
+    data = tiny_data()
+    data.encoder_options["b"] = {"hidden": [5], "dropout": 0.0}
+    tr = trainer(data=data)
+    model = tr.model
+    assert model.feature_dim("a") == 8 and model.feature_dim("b") == 5
+    batch = first_batch(tr)
+    model.eval()
+    with torch.no_grad():
+        for m in ("a", "b"):
+            ref = F.cross_entropy(model.fusion.heads[m](model.encode(m, batch["inputs"][m])), batch["label"])
+            torch.testing.assert_close(tr.method._output_loss(model, batch, m), ref)
+
+
+def test_fused_output_loss_applies_the_absent_policy():
+    """``feature`` policy with missing modalities: the fused copy's loss is the model's output
+    for the batch's present masks (absent features zeroed), not for everything present."""
+    data = make_tiny_data(60, ("a", "b"), n_eval=15, signal={"a": 1.5, "b": 0.3}, hidden=[8], dropout=0.0,
+                          missing=0.4)
+    cfg = load_config(None, {"train.epochs": 1, "method.name": "gblending", "train.progress": "off",
+                             "train.probe": False, "train.batch_size": 16, "model.absent_policy": "feature"})
+    tr = Trainer(cfg, data=data)
+    batch = first_batch(tr)
+    assert not all(bool(p.all()) for p in batch["present"].values())
+    model = tr.model.eval()
+    with torch.no_grad():
+        got = tr.method._output_loss(model, batch, FUSED)
+        want = F.cross_entropy(model(batch["inputs"], batch["present"]).logits, batch["label"])
+        everything = F.cross_entropy(model(batch["inputs"]).logits, batch["label"])
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, everything)
+
+
+def test_loss_passes_read_the_deterministic_copy_of_the_training_split(monkeypatch):
+    """L^T and L^V are measured on ``train_eval`` (test-time transforms), the copies train on
+    ``train`` (training transforms), each on its own positions."""
+    data = tiny_data()
+    data.train_eval = copy.copy(data.train)  # another object standing for the eval-transform view
+    tr = trainer(data=data, estimate_epochs=1)
+    meth = tr.method
+    measured, fitted = [], []
+    monkeypatch.setattr(meth, "_mean_loss", lambda model, ds, k: (measured.append(ds), 1.0)[1])
+    monkeypatch.setattr(meth, "_train_copy", lambda model, opt, ds, k: fitted.append(ds))
+    meth.estimate_weights()
+    assert len(measured) == 4 * 3 and len(fitted) == 3
+    assert all(ds.dataset is data.train_eval for ds in measured)
+    assert all(ds.dataset is data.train and ds.indices == meth.train_idx.tolist() for ds in fitted)
+    assert {tuple(ds.indices) for ds in measured} == {tuple(meth.train_idx.tolist()), tuple(meth.holdout_idx.tolist())}
+
+
+def test_training_step_without_the_epoch_hooks_estimates_the_weights_first():
+    tr = trainer(estimate_epochs=1)
+    meth = tr.method
+    assert meth.weights is None
+    batch = first_batch(tr)
+    before = copy.deepcopy(tr.model)
+    tr.model.train()
+    stats = meth.training_step(batch)
+    w = meth.weights
+    assert set(w) == {"a", "b", FUSED} and abs(sum(w.values()) - 1) < 1e-9
+    before.train()
+    with torch.no_grad():
+        out = before(batch["inputs"], batch["present"])
+        y = batch["label"]
+        ref = w[FUSED] * F.cross_entropy(out.logits, y) + sum(w[m] * F.cross_entropy(out.unimodal_logits[m], y)
+                                                               for m in ("a", "b"))
+    assert float(stats["loss"]) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_state_saved_before_any_estimate_resumes_into_an_estimate():
+    a = trainer(estimate_epochs=1)
+    state = a.method.state_dict()
+    assert state == {"weights": None}
+    b = trainer(estimate_epochs=1)
+    b.method.weights = {"a": 0.2, "b": 0.3, FUSED: 0.5}
+    b.method.load_state_dict(state)
+    assert b.method.weights is None and b.method.estimate_due(3)
+
+
+def test_copies_train_on_each_ranks_share_of_the_global_batches(monkeypatch):
+    """Two simulated processes: each rank's copy trains on half of every global batch, and the
+    two halves are exactly the batch one process trains on (sharded, not repeated whole)."""
+    tr = trainer(estimate_epochs=2)
+    meth = tr.method
+    fit_set = torch.utils.data.Subset(tr.data.train, meth.train_idx.tolist())
+    seen = []
+    real = meth._output_loss
+    monkeypatch.setattr(meth, "_output_loss",
+                        lambda model, batch, k, reduction="mean": (seen.append(batch["index"].tolist()),
+                                                                   real(model, batch, k, reduction))[1])
+    monkeypatch.setattr(tr, "average_gradients", lambda params: None)
+    monkeypatch.setattr(tr, "broadcast_buffers", lambda module: None)
+
+    def run(rank, world):
+        monkeypatch.setattr(Trainer, "rank", property(lambda self: rank))
+        monkeypatch.setattr(Trainer, "world_size", property(lambda self: world))
+        seen.clear()
+        model = copy.deepcopy(tr.model)
+        meth._train_copy(model, tr.make_optimizer(model.parameters()), fit_set, "a")
+        return list(seen)
+
+    one, r0, r1 = run(0, 1), run(0, 2), run(1, 2)
+    assert len(one) == len(r0) == len(r1) == 2 * 3  # 48 training-part samples, global batch 16, 2 epochs
+    for a, b, c in zip(r0, r1, one):
+        assert len(a) == len(b) == len(c) // 2 == 8
+        assert sorted(a + b) == sorted(c)

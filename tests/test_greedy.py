@@ -258,6 +258,11 @@ def test_step_speeds_accumulate_the_right_parameter_groups():
     assert acc == pytest.approx(bypass + main_, rel=1e-5)
     d = math.log10(bypass[0] / main_[0]) - math.log10(bypass[1] / main_[1])
     assert tr.method.controller["d"] == pytest.approx(d, rel=1e-5)
+    # the diagnostics: BDR_m = log10(bypass_m / main_m) of each branch, and their difference
+    diag = tr.method.epoch_diagnostics()
+    assert diag["bdr_a"] == pytest.approx(math.log10(bypass[0] / main_[0]), rel=1e-5)
+    assert diag["bdr_b"] == pytest.approx(math.log10(bypass[1] / main_[1]), rel=1e-5)
+    assert diag["bdr_diff"] == pytest.approx(d, rel=1e-5)
 
 
 @pytest.mark.parametrize("start", [1, 2])
@@ -326,3 +331,86 @@ def test_resume_equals_uninterrupted_and_contract(tmp_path):
     assert main(["-q", "evaluate", "--run", str(tmp_path / "full"), "--train.progress", "off"]) == 0
     again = json.loads((tmp_path / "full" / "evaluation.json").read_text())
     assert again["test"] == full["test"] and again["val"] == full["val"]
+
+
+# ---------------------------------------------------------------------------------- mutation-testing additions
+def test_bdr_of_a_group_without_speed_is_zero():
+    """A speed of 0 (no gradient reached the group yet) gives BDR 0, not a math error."""
+    assert bdr(0.0, 1e-2) == 0.0 and bdr(1e-3, 0.0) == 0.0 and bdr(0.0, 0.0) == 0.0
+
+
+def test_resnet_stem_mmtm_uses_the_stem_width():
+    torch.manual_seed(0)
+    shapes = {"audio": (1, 32, 32), "visual": (3, 2, 32, 32)}
+    encs = {"audio": create_encoder("resnet18_audio", shapes["audio"], width=4),
+            "visual": create_encoder("resnet18_visual", shapes["visual"], width=4)}
+    model = GreedyModel(encs, 5, shapes, mmtm_stages=["stem", "layer4"])
+    assert list(model.mmtm) == ["stem", "layer4"]
+    assert [fc.out_features for fc in model.mmtm["stem"].fc_excite] == [4, 4]  # conv1 / bn1 width
+    assert [fc.out_features for fc in model.mmtm["layer4"].fc_excite] == [32, 32]
+    out = model({m: torch.randn(2, *s) for m, s in shapes.items()})
+    assert out.logits.shape == (2, 5)
+
+
+def _mlp_model(policy="input", shape=(5,), seed=0):
+    torch.manual_seed(seed)
+    encs = {m: create_encoder("mlp", shape, hidden=[8, 6], dropout=0.0) for m in MODS}
+    model = GreedyModel(encs, 3, {m: shape for m in MODS}, absent_policy=policy)
+    return model.eval()
+
+
+def test_mlp_branch_flattens_inputs_of_several_dimensions_like_the_encoder():
+    flat, grid = _mlp_model(shape=(6,)), _mlp_model(shape=(2, 3))
+    grid.load_state_dict(flat.state_dict())
+    x = {m: torch.randn(4, 2, 3) for m in MODS}
+    with torch.no_grad():
+        a, b = grid(x), flat({m: v.reshape(4, 6) for m, v in x.items()})
+    torch.testing.assert_close(a.logits, b.logits)
+
+
+def test_greedy_model_applies_the_absent_policy():
+    """``input``: an absent sample's input is zeroed, whatever the batch holds (also through
+    ``encode(m, x, present)``); ``feature``: its squeezed vector is zeroed before every MMTM, so
+    the present branch does not depend on it, and its final feature is zeroed before the heads."""
+    g = torch.Generator().manual_seed(1)
+    x = {m: torch.randn(6, 5, generator=g) for m in MODS}
+    present = {"a": torch.ones(6, dtype=torch.bool), "b": torch.tensor([False, False, True, True, False, True])}
+    other = {**x, "b": torch.where(present["b"][:, None], x["b"], torch.randn(6, 5, generator=g) * 3)}
+    zeroed = {**x, "b": x["b"] * present["b"][:, None]}
+    model = _mlp_model("input")
+    with torch.no_grad():
+        torch.testing.assert_close(model(other, present).logits, model(zeroed, present).logits)
+        torch.testing.assert_close(model.encode("b", other["b"], present["b"]), model.encode("b", zeroed["b"]))
+        assert not torch.allclose(model.encode("b", other["b"]), model.encode("b", zeroed["b"]))
+    model = _mlp_model("feature")
+    absent = ~present["b"]
+    with torch.no_grad():
+        out, out2 = model(x, present), model(other, present)
+        torch.testing.assert_close(out.features["a"], out2.features["a"])
+        torch.testing.assert_close(out.logits, out2.logits)
+        assert torch.equal(out.features["b"][absent], torch.zeros(int(absent.sum()), 6))
+        heads = model.fusion.heads
+        torch.testing.assert_close(out.logits, (heads["a"](out.features["a"]) + heads["b"](out.features["b"])) / 2)
+        full = model(x)  # nothing absent: the other branch's input matters
+        assert not torch.allclose(full.features["a"][absent], out.features["a"][absent])
+
+
+def test_another_fusion_is_replaced_with_a_warning():
+    import logging
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("mmbalance")
+    logger.addHandler(handler)
+    try:
+        for fusion, warned in (("sum", True), (None, False)):
+            over = {"train.epochs": 1, "method.name": "greedy", "train.progress": "off", "train.probe": False}
+            if fusion is not None:
+                over["model.fusion"] = fusion
+            records.clear()
+            tr = Trainer(load_config(None, over), data=tiny_data())
+            assert isinstance(tr.model, GreedyModel)
+            assert any("fusion 'sum' is ignored" in r.getMessage() for r in records) == warned
+    finally:
+        logger.removeHandler(handler)

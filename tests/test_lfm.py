@@ -71,6 +71,9 @@ def test_infonce_equals_a_loop_and_masks_absent_pairs():
     assert float(zero.detach()) == 0.0
     zero.backward()  # still a graph
     assert float(cross_modal_infonce(x[:1], x[:1], 0.1).detach()) == 0.0  # one pair: nothing to contrast
+    # computed on the features' device ('meta' stands in for an accelerator): the targets too
+    on = torch.randn(3, 4, device="meta")
+    assert cross_modal_infonce(on, on.clone(), 0.1).device.type == "meta"
 
 
 def test_prediction_js_is_the_released_formula():
@@ -160,6 +163,40 @@ def test_the_alignment_weight_follows_the_epoch_across_a_run():
     assert alphas == pytest.approx([0.95, math.exp(-1.0), math.exp(-2.0)])
 
 
+@pytest.mark.parametrize("opts,epoch,want", [
+    ({"schedule": "constant", "alpha": 0.3}, 5, 0.3),
+    ({"schedule": "heuristic", "decay": 0.5}, 1, math.exp(-0.5)),
+    ({"schedule": "heuristic", "decay": 0.1, "alpha_max": 0.8}, 0, 0.8),
+    ({"schedule": "heuristic", "alpha_min": 0.2}, 30, 0.2),
+    ({"schedule": "fitted"}, 100, 1.0 - fitted_supervised_weight(100)),
+])
+def test_every_schedule_option_reaches_the_step(opts, epoch, want):
+    tr = _trainer(alignment="js", **opts)
+    tr.epoch = epoch
+    assert tr.method.weight(epoch) == pytest.approx(want)
+    tr.model.train()
+    tr.method.training_step(_batch(tr))
+    d = tr.method.epoch_diagnostics()
+    assert d["alpha"] == pytest.approx(want)
+
+
+def test_feature_absent_policy_zeroes_absent_features_in_the_fused_loss():
+    """With ``model.absent_policy: feature`` the supervised term is the CE of the model's fused
+    output with the absent samples' features zeroed (the presence mask reaches the fusion)."""
+    cfg = quick_config("lfm", epochs=1, **{"train.batch_size": 24, "method.alignment": "js",
+                                           "model.absent_policy": "feature"})
+    tr = Trainer(cfg, data=tiny_data(48, ("a", "b"), hidden=[8], dropout=0.0, missing=0.4))
+    batch = _batch(tr)
+    assert not batch["present"]["a"].all()
+    with torch.no_grad():
+        want = F.cross_entropy(tr.model(batch["inputs"], batch["present"]).logits, batch["label"])
+        plain = F.cross_entropy(tr.model(batch["inputs"]).logits, batch["label"])
+    assert abs(float(want) - float(plain)) > 1e-4
+    tr.model.train()
+    tr.method.training_step(batch)
+    assert tr.method.epoch_diagnostics()["loss_sup"] == pytest.approx(float(want), rel=1e-5)
+
+
 def test_option_checks():
     with pytest.raises(ConfigError, match="alpha_min"):
         create_method("lfm", alpha_min=0.9, alpha_max=0.2)
@@ -198,6 +235,26 @@ def test_missing_modalities_use_only_pairs_present_together(alignment):
         want = cross_modal_infonce(feats["a"][both], feats["b"][both], 0.07)
     else:
         want = prediction_js(out.unimodal_logits["a"][both], out.unimodal_logits["b"][both]).mean()
+    tr.model.train()
+    tr.method.training_step(batch)
+    d = tr.method.epoch_diagnostics()
+    assert d["loss_align"] == pytest.approx(float(want), rel=1e-5)
+    if alignment == "contrastive":  # the modality gap over the pairs present together, by hand
+        ca = F.normalize(feats["a"][both].detach(), dim=1).mean(0)
+        cb = F.normalize(feats["b"][both].detach(), dim=1).mean(0)
+        assert d["gap"] == pytest.approx(float((ca - cb).norm()), rel=1e-5)
+
+
+def test_divergence_of_a_single_pair_present_together_is_its_own():
+    """A global batch where one sample has both modalities: the divergence term is that sample's
+    (a mean over one pair, not a smaller number)."""
+    tr = _trainer(alignment="js")
+    batch = _batch(tr)
+    batch["present"]["b"] = torch.zeros_like(batch["present"]["b"])
+    batch["present"]["b"][3] = True
+    out = tr.model(batch["inputs"], batch["present"])
+    want = prediction_js(out.unimodal_logits["a"][3:4], out.unimodal_logits["b"][3:4])
+    assert float(want) > 1e-4
     tr.model.train()
     tr.method.training_step(batch)
     assert tr.method.epoch_diagnostics()["loss_align"] == pytest.approx(float(want), rel=1e-5)

@@ -369,6 +369,8 @@ def test_loss_is_the_global_mean_over_present_samples(monkeypatch):
     want, hbar = _reference(tr, params, batch, "m0")
     rec = _Collectives(monkeypatch, tr, others=0.0)
     monkeypatch.setattr(type(tr), "world_size", property(lambda self: 2))
+    # the synchronous gradient average (the one _Collectives stands in for), not the bucketed one
+    monkeypatch.setattr(tr.cfg.train, "bucket_mb", 0.0, raising=False)
     # the other rank holds 3x as many present samples: global count N = 4n
     monkeypatch.setattr(tr, "all_reduce_sum", lambda t: t * 4)
     tr.method.training_step(batch)
@@ -452,3 +454,114 @@ def test_fit_builds_shared_head_and_runs():
     assert res["fusion"] == "shared_head"
     assert 0.0 <= res["test"]["accuracy"] <= 1.0
     assert float(tr.method.P.norm()) == pytest.approx(1.0, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- mutation-testing additions
+class _Records:
+    """The ``mmbalance`` logger's records inside the block (the CLI turns its propagation off, so
+    pytest's caplog does not always see them)."""
+
+    def __init__(self):
+        import logging
+
+        self.records = []
+        self.logger = logging.getLogger("mmbalance")
+        self.handler = logging.Handler(logging.WARNING)
+        self.handler.emit = self.records.append
+
+    def __enter__(self):
+        self.logger.addHandler(self.handler)
+        return self.records
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+
+
+def test_fusion_rule_defaults_to_the_papers_entropy_weights():
+    za = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    zv = torch.tensor([[0.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
+    assert torch.equal(mla_fusion_weights([za, zv]), mla_fusion_weights([za, zv], "entropy"))
+    assert torch.equal(mla_fuse([za, zv])[0], mla_fuse([za, zv], "entropy")[0])
+
+
+def test_shared_head_options_are_used_and_another_fusion_is_replaced_with_a_warning():
+    """``--fusion shared_head`` keeps its fusion options (here the head width); any other
+    fusion than the engine's default is replaced by shared_head with a warning naming it."""
+    data = _splits()
+    over = {"train.epochs": 1, "method.name": "mla", "train.progress": "off", "train.probe": False,
+            "model.fusion": "shared_head", "model.fusion_options": {"common_dim": 12}}
+    tr = Trainer(load_config(None, over), run_dir=None, data=data)
+    assert tr.model.fusion.head.in_features == 12 and tr.method.P.shape == (12, 12)
+    assert isinstance(tr.model.fusion.proj["m0"], torch.nn.Linear)
+    for fusion, warned in (("sum", True), ("concat", False)):
+        over = {"train.epochs": 1, "method.name": "mla", "train.progress": "off", "train.probe": False,
+                "model.fusion": fusion}
+        with _Records() as records:
+            tr = Trainer(load_config(None, over), run_dir=None, data=_splits())
+        msgs = [r.getMessage() for r in records]
+        assert hasattr(tr.model.fusion, "head_input")
+        assert any(f"--fusion {fusion} is ignored" in m for m in msgs) == warned, msgs
+
+
+def test_official_alpha_schedule_counts_the_batches_the_loader_yields():
+    """``alpha * 0.1^(i / len(loader))``: 40 samples in batches of 16 are 2 batches with
+    drop_last, 3 without."""
+    for drop_last, n_batches in ((True, 2), (False, 3)):
+        data = _splits(n=40)
+        over = {"train.epochs": 1, "method.name": "mla", "train.progress": "off", "train.probe": False,
+                "train.batch_size": 16, "train.drop_last": drop_last, "method.alpha_schedule": "official"}
+        tr = Trainer(load_config(None, over), run_dir=None, data=data)
+        meth = tr.method
+        batch = _batch(tr)
+        meth.on_epoch_start(0)
+        meth.train_dataset(0, tr.data.train)
+        seen = []
+        for _ in range(2):
+            meth.training_step(batch)
+            seen.append(meth.epoch_diagnostics()["alpha"])
+        assert seen == pytest.approx([0.1, 0.1 ** (1 + 1 / n_batches)]), drop_last
+
+
+def test_step_reports_the_mean_modality_loss_and_the_projection_ratio():
+    """One ``all`` step over two modalities, both projected: ``loss_<m>`` is each modality's CE
+    before its optimizer step, the returned loss their mean; ``grad_ratio_<m>`` is
+    ``||grad_W P|| / ||grad_W||`` with the P of that step."""
+    tr = _trainer(project_first_step=True)
+    batch = _batch(tr)
+    mods = tr.model.modalities
+    captured = []
+    real = tr.optimizer_step
+    tr.optimizer_step = lambda: (captured.append({n: p.detach().clone() for n, p in tr.model.named_parameters()}),
+                                 real())[1]
+    out = tr.method.training_step(batch)
+    diag = tr.method.epoch_diagnostics()
+    P = torch.eye(tr.model.fusion.head.in_features)
+    losses = []
+    for params, m in zip(captured, mods):
+        want, hbar = _reference(tr, params, batch, m)
+        ref = copy.deepcopy(tr.model)
+        ref.load_state_dict(params, strict=False)
+        with torch.no_grad():
+            z = ref.fusion.head(ref.fusion.proj[m](ref.encoders[m](batch["inputs"][m])))
+            losses.append(float(torch.nn.functional.cross_entropy(z, batch["label"])))
+        P = owm_update(P, hbar, 0.1)
+        gW = want["fusion.head.weight"]
+        ratio = float((gW @ P).norm() / gW.norm())
+        assert 0.0 < ratio < 1.0
+        assert diag[f"grad_ratio_{m}"] == pytest.approx(ratio, rel=1e-4)
+        assert diag[f"loss_{m}"] == pytest.approx(losses[-1], rel=1e-5)
+    assert out["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
+
+
+def test_loaded_projector_lands_on_the_trainers_device_in_float32():
+    """Resume: P goes to the device the run trains on (``meta`` stands in for an accelerator
+    here) and is kept in float32 whatever the checkpoint holds."""
+    tr = _trainer()
+    st = tr.method.state_dict()
+    st["P"] = (2.0 * st["P"]).double()
+    tr.device = torch.device("meta")
+    tr.method.load_state_dict(st)
+    assert tr.method.P.device.type == "meta" and tr.method.P.dtype == torch.float32
+    tr.device = torch.device("cpu")
+    tr.method.load_state_dict(st)
+    assert tr.method.P.dtype == torch.float32 and torch.equal(tr.method.P, 2.0 * torch.eye(8))

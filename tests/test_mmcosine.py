@@ -2,6 +2,7 @@
 their norms), the head (sum of per-modality cosine logits, no bias), a training step against a
 hand-written reference, diagnostics, fusions, missing modalities and two simulated processes."""
 import copy
+import dataclasses
 import logging
 import math
 
@@ -40,6 +41,7 @@ def test_head_sums_per_modality_cosine_logits_without_bias():
     torch.manual_seed(0)
     head = CosineHeads({"a": 3, "v": 5}, num_classes=4, scale=8.0)
     assert all("bias" not in n for n, _ in head.named_parameters())
+    assert head.modalities == ["a", "v"] and head.num_classes == 4  # the Fusion interface
     assert [tuple(p.shape) for p in head.parameters()] == [(4, 3), (4, 5)]
     fa, fv = torch.randn(6, 3), torch.randn(6, 5)
     z, zm = head({"a": fa, "v": fv})
@@ -81,15 +83,17 @@ def test_training_step_equals_a_hand_written_reference():
         assert torch.allclose((w * g).sum(1), torch.zeros(3), atol=1e-6)
 
 
-def test_diagnostics_by_hand():
+def test_step_reports_its_loss_and_diagnostics_by_hand():
     tr = _trainer()
     batch = _batch(tr)
     tr.model.train()
     w0 = {m: tr.model.fusion.heads[m].weight.detach().clone() for m in ("a", "b")}
     h = {m: tr.model.encoders[m](batch["inputs"][m]).detach() for m in ("a", "b")}
-    tr.method.training_step(batch)
-    d = tr.method.epoch_diagnostics()
     y = batch["label"]
+    z = sum(10.0 * F.normalize(h[m], dim=1) @ F.normalize(w0[m], dim=1).T for m in ("a", "b"))
+    reported = tr.method.training_step(batch)
+    assert float(reported["loss"]) == pytest.approx(float(F.cross_entropy(z, y)), rel=1e-5)  # the step's CE
+    d = tr.method.epoch_diagnostics()
     for m in ("a", "b"):
         cos_y = (F.normalize(h[m], dim=1) * F.normalize(w0[m], dim=1)[y]).sum(1).mean()
         assert d[f"cos_y_{m}"] == pytest.approx(float(cos_y), abs=1e-5)
@@ -107,6 +111,17 @@ def test_option_and_model_checks(caplog):
     res = Trainer(quick_config("mmcosine", epochs=1, **{"dataset.options": {"modalities": ["pix", "fou", "zer"]}})).fit()
     assert set(res["test"]["per_modality"]) == {"pix", "fou", "zer"} and res["fusion"] == "cosine"
     assert tr.method.state_dict() == {}
+
+
+def test_default_scale_and_the_fusions_that_give_the_head_silently(caplog):
+    method = create_method("mmcosine")
+    assert method.scale == 10.0  # main_CD.py's default
+    spec = _trainer().spec
+    for fusion in ("concat", "sum", "late"):
+        with caplog.at_level(logging.WARNING, logger="mmbalance"):
+            head = method.build_model(dataclasses.replace(spec, fusion=fusion)).fusion
+        assert isinstance(head, CosineHeads) and head.scale == 10.0
+        assert "ignored" not in caplog.text, fusion
 
 
 def test_feature_policy_absent_modality_adds_nothing():

@@ -221,7 +221,7 @@ def _reference_grads(tr, batch, stopped):
     torch.manual_seed(5)
     loss = F.cross_entropy(ref(batch["inputs"], batch["present"]).logits, batch["label"])
     loss.backward()
-    return {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    return {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}, float(loss)
 
 
 @pytest.mark.parametrize("stopped", [[], ["a"]])
@@ -234,9 +234,15 @@ def test_training_step_matches_reference(stopped):
         tr.method.freeze(s)
     tr.model.train()  # as the engine does at every epoch start
     batch = to_device(next(iter(tr.loader(tr.data.train, batch_size=16))), tr.device)
-    ref = _reference_grads(tr, batch, stopped)
+    ref, ref_loss = _reference_grads(tr, batch, stopped)
     torch.manual_seed(5)
+    reported = {}
+    orig = tr.method.training_step
+    tr.method.training_step = lambda b: reported.update(orig(b)) or reported
     grads = capture_step_grads(tr, batch)
+    del tr.method.training_step
+    # the loss the step reports (the epoch's train loss in metrics.jsonl) is the fused CE it stepped on
+    assert float(reported["loss"]) == pytest.approx(ref_loss, rel=1e-6)
     assert set(grads) == set(ref)
     assert any(n.startswith("encoders.b.") for n in grads) and any(n.startswith("fusion.heads.a.") for n in grads)
     assert any(n.startswith("encoders.a.") for n in grads) == (not stopped)

@@ -1,5 +1,8 @@
 """MSLR: rate rules by hand; only the targeted modality's updates change; the modulation window;
 the validation pass; resume; the start from unimodal runs."""
+import argparse
+import pickle
+
 import pytest
 import torch
 
@@ -15,11 +18,11 @@ def tiny_data(n=48, mods=("a", "b")):
     return make_tiny_data(n, mods, hidden=[8], dropout=0.0)
 
 
-def make(method, fusion="sum", **opts):
+def make(method, fusion="sum", cfg=None, **opts):
     o = {f"method.{k}": v for k, v in opts.items()}
     cfg = load_config(None, {"train.epochs": 3, "method.name": method, "train.progress": "off", "train.probe": False,
                              "model.fusion": fusion, "optim.name": "sgd", "optim.momentum": 0.9,
-                             "optim.weight_decay": 1e-3, **o})
+                             "optim.weight_decay": 1e-3, **o, **(cfg or {})})
     return Trainer(cfg, data=tiny_data())
 
 
@@ -28,13 +31,18 @@ def test_dynamic_ratio_by_hand():
     assert mslr_dynamic_ratio([0.5, 0.6, 0.7, 0.8, 0.9, 1.0], window=5) == pytest.approx(1.0 / 0.7)
     assert mslr_dynamic_ratio([0.1, 0.4, 0.6, 0.9], window=2) == pytest.approx(0.9 / 0.5)
     assert mslr_dynamic_ratio([], window=1) == 1.0
+    assert mslr_dynamic_ratio([0.0, 0.0, 0.4], window=2) == 1.0  # no accuracy before: no ratio (no 0 division)
 
 
 def test_smooth_and_parse_rates():
     assert mslr_smooth_multiplier(0.5, 0, 5) == 0.5
     assert mslr_smooth_multiplier(0.5, 2, 5) == pytest.approx(0.75)
     assert mslr_smooth_multiplier(0.5, 4, 5) == pytest.approx(1.0)
+    assert mslr_smooth_multiplier(0.5, 0, 1) == 0.5  # a one-epoch run: the modality's own rate
     assert parse_rates(None, ["a", "b"]) == {"a": 1.0, "b": 1.0}
+    assert parse_rates(0.5, ["a", "b"]) == {"a": 0.5, "b": 0.5} and parse_rates(2, ["a"]) == {"a": 2.0}
+    with pytest.raises(ValueError, match="must be a number"):  # a bool is no rate
+        parse_rates(True, ["a", "b"])
     assert parse_rates({"b": 1.1}, ["a", "b"]) == {"a": 1.0, "b": 1.1}
     assert parse_rates([0.9, 1.1], ["a", "b"]) == {"a": 0.9, "b": 1.1}
     for bad in ({"c": 1.0}, [1.0], [1.0, -1.0], {"a": 0.0}):  # data-dependent, or a mapping's values
@@ -55,12 +63,17 @@ def _one_step(tr):
     return grads, deltas
 
 
-@pytest.mark.parametrize("apply,fusion", [("grad", "sum"), ("update", "sum"), ("grad", "concat")])
+@pytest.mark.parametrize("apply,fusion", [("grad", "sum"), ("update", "sum"), ("grad", "concat"),
+                                          ("grad", "shared_head")])
 def test_only_targeted_modality_changes(apply, fusion):
-    g_ref, d_ref = _one_step(make("joint", fusion))
-    g, d = _one_step(make("mslr", fusion, rates={"a": 0.5}, apply=apply))
-    # sum: modality a owns its encoder and its head; concat: only its encoder (the head is shared)
-    owned_a = lambda n: n.startswith("encoders.a.") or n.startswith("fusion.heads.a.")
+    opts = {"model.fusion_options": {"common_dim": 6}} if fusion == "shared_head" else {}
+    g_ref, d_ref = _one_step(make("joint", fusion, cfg=opts))
+    g, d = _one_step(make("mslr", fusion, cfg=opts, rates={"a": 0.5}, apply=apply))
+    # sum: modality a owns its encoder and its head; shared_head: its encoder and its projection
+    # to the shared head's width; concat: only its encoder (the head is shared)
+    owned_a = lambda n: n.startswith(("encoders.a.", "fusion.heads.a.", "fusion.proj.a."))
+    if fusion == "shared_head":
+        assert any(n.startswith("fusion.proj.a.") for n in g)
     assert any(owned_a(n) for n in g) and any(n.startswith("fusion.") and not owned_a(n) for n in g)
     for n in g_ref:
         if owned_a(n):
@@ -173,6 +186,14 @@ def test_modulation_window_boundaries():
     assert create_method("mslr", rates={"a": 0.5}).rates == {"a": 0.5}
 
 
+def test_smooth_strategy_follows_the_runs_epochs():
+    """smooth in a 3-epoch run: rates[m] at epoch 0, half-way at epoch 1, 1 at the last epoch."""
+    m = make("mslr", "sum", strategy="smooth", rates={"a": 0.5, "b": 2.0}).method
+    for epoch, want in ((0, {"a": 0.5, "b": 2.0}), (1, {"a": 0.75, "b": 1.5}), (2, {"a": 1.0, "b": 1.0})):
+        m.on_epoch_start(epoch)
+        assert m.multipliers == pytest.approx(want), epoch
+
+
 def test_dynamic_history_is_recorded_outside_the_window():
     tr = make("mslr", "sum", strategy="dynamic", window=1, modulation_start=5)
     m = tr.method
@@ -267,8 +288,23 @@ def test_init_from_errors(tmp_path):
     tr = make("mslr", "sum", init_from={"a": str(tmp_path / "nowhere")})  # building never reads (evaluate)
     with pytest.raises(ConfigError, match="does not exist"):
         tr.method.on_epoch_start(0)
-    with pytest.raises(ConfigError, match="holds no 'b' encoder"):
+    with pytest.raises(ConfigError, match=r"holds no 'b' encoder \(it has \['a'\]\)"):
         make("mslr", "sum", init_from={"b": str(run_a)}).method.on_epoch_start(0)
+    # a damaged checkpoint: the trainer's loader's one-line error, not a raw unpickling error
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "best.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="corrupt or truncated"):
+        make("mslr", "sum", init_from={"a": str(bad)}).method.on_epoch_start(0)
+    # called directly (default loader): a file that is no run checkpoint, or one holding pickled
+    # objects (refused unread: weights_only)
+    torch.save({"weights": {}}, bad / "best.pt")
+    with pytest.raises(ConfigError, match=r"holds no 'a' encoder \(it has \[\]\)"):
+        load_unimodal_weights(make("mslr", "sum").model, "a", bad)
+    torch.save({"model": torch.load(run_a / "best.pt", weights_only=True)["model"], "args": argparse.Namespace()},
+               bad / "best.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_unimodal_weights(make("mslr", "sum").model, "a", bad)
     with pytest.raises(ConfigError, match="unknown modalities"):
         make("mslr", "sum", init_from={"c": str(run_a)})
     wide = _unimodal_run(tmp_path, "a", hidden=(8, 4))

@@ -223,46 +223,97 @@ def test_rank_loss_is_process_count_invariant(world):
     assert abs(sum(local) / world - float(single.detach())) > 1e-4  # local pairing differs from one process
 
 
-def _trainer(**method):
+def _trainer(missing=0.0, **method):
     over = {f"method.{k}": v for k, v in method.items()}
     cfg = quick_config("qmf", epochs=1, **{"train.batch_size": 24, **over})
-    return Trainer(cfg, data=tiny_data(48, ("a", "b"), hidden=[8], dropout=0.0))
+    return Trainer(cfg, data=tiny_data(48, ("a", "b"), hidden=[8], dropout=0.0, missing=missing))
 
 
 def _batch(tr, seed=0):
     return next(iter(tr.loader(tr.data.train, batch_size=24, shuffle=True, seed=seed)))
 
 
-@pytest.mark.parametrize("detach", [False, True])
-def test_training_step_gradients_equal_a_hand_written_reference(detach):
+def _scramble_absent_inputs(batch):
+    """Non-zero inputs where a modality is absent (a loader that leaves them as they were): the
+    model's absent policy, not the data, must turn them into zeros."""
+    g = torch.Generator().manual_seed(9)
+    for m, p in batch["present"].items():
+        x = batch["inputs"][m]
+        x[~p] = 3.0 + torch.randn(x[~p].shape, generator=g)
+    return batch
+
+
+@pytest.mark.parametrize("detach,missing", [(False, 0.0), (True, 0.0), (False, 0.4)])
+def test_training_step_gradients_equal_a_hand_written_reference(detach, missing):
     lam, T = 0.7, 4.0
-    tr = _trainer(lambda_rank=lam, temperature=T, detach_weights=detach)
+    tr = _trainer(missing, lambda_rank=lam, temperature=T, detach_weights=detach)
     g = torch.Generator().manual_seed(1)
     for m in ("a", "b"):  # a non-flat history, so the ranking term is active
         tr.method.history.values[m] = torch.rand(48, generator=g, dtype=torch.float64) * 3
     hist = {m: tr.method.history.values[m].clone() for m in ("a", "b")}
-    batch = _batch(tr)
+    batch = _scramble_absent_inputs(_batch(tr))
+    assert missing == 0.0 or not batch["present"]["a"].all()
     idx, y = batch["index"], batch["label"]
     ref = copy.deepcopy(tr.model)
-    out = ref(batch["inputs"])
+    out = ref(batch["inputs"], batch["present"])
     z = 0
     loss = 0
+    conf, rank = {}, {}
     for m in ("a", "b"):
         zm = out.unimodal_logits[m]
         w = torch.log(torch.exp(zm).sum(1)) / T
         z = z + (w.detach() if detach else w)[:, None] * zm
         h = (hist[m][idx] - hist[m].min()) / (hist[m].max() - hist[m].min())
-        loss = loss + F.cross_entropy(zm, y) + lam * _rank_loss_by_hand(w, h.float())
+        r = _rank_loss_by_hand(w, h.float())
+        rank[m], conf[m] = float(r.detach()), float(w.detach().mean())
+        loss = loss + F.cross_entropy(zm, y) + lam * r
     loss = loss + F.cross_entropy(z, y)
     loss.backward()
     tr.model.train()
+    result = {}
+    step = tr.method.training_step
+    tr.method.training_step = lambda b: result.update(step(b)) or result
     got = capture_step_grads(tr, batch)
+    del tr.method.training_step
     for n, p in ref.named_parameters():
         assert torch.allclose(got[n], p.grad, atol=1e-6), n
+    # the step reports its loss (what the engine's train loss averages) and the ranking losses' sum
+    assert float(result["loss"]) == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert float(result["rank_loss"]) == pytest.approx(rank["a"] + rank["b"], rel=1e-5)
     # the history is updated after the step with the detached per-sample CE of each modality
     for m in ("a", "b"):
         ce = F.cross_entropy(out.unimodal_logits[m].detach(), y, reduction="none").double()
         assert torch.allclose(tr.method.history.values[m][idx] - hist[m][idx], ce, atol=1e-6)
+    # diagnostics: each modality's mean confidence and ranking loss, and the ranking losses' sum
+    d = tr.method.epoch_diagnostics()
+    assert min(rank.values()) > 0
+    for m in ("a", "b"):
+        assert d[f"conf_{m}"] == pytest.approx(conf[m], rel=1e-5)
+        assert d[f"rank_loss_{m}"] == pytest.approx(rank[m], rel=1e-5)
+    assert d["rank_loss"] == pytest.approx(rank["a"] + rank["b"], rel=1e-5)
+    # prediction: the confidence-weighted fusion of the model's output under the presence mask
+    tr.model.eval()
+    with torch.no_grad():
+        pred = tr.method.predict(batch)
+        want, _ = qmf_fuse(tr.model(batch["inputs"], batch["present"]).unimodal_logits, T)
+    assert torch.allclose(pred.logits, want, atol=1e-6)
+
+
+def test_history_lives_on_the_runs_device_and_resumes_there_in_float64():
+    """A history saved from a CPU checkpoint (float32 here) is loaded onto the run's device in
+    float64; the method builds it on the trainer's device ('meta' stands in for an accelerator)."""
+    h = LossHistory(["a"], 4, device="meta")
+    h.load_state_dict({"a": torch.arange(4, dtype=torch.float32)})
+    assert h.values["a"].device.type == "meta" and h.values["a"].dtype == torch.float64
+    from types import SimpleNamespace
+
+    from mmbalance.methods import create_method
+
+    tr = _trainer()
+    method = create_method("qmf")
+    method.setup(SimpleNamespace(model=tr.model, data=tr.data, device=torch.device("meta")))
+    assert {v.device.type for v in method.history.values.values()} == {"meta"}
+    assert all(v.shape == (48,) for v in method.history.values.values())
 
 
 def test_resume_state_round_trip_gives_the_same_next_step():
@@ -314,3 +365,30 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(monkeypatch):
     got = two_rank_grads(make, batch, monkeypatch)
     for n in expected:
         assert torch.allclose(got[n], expected[n], atol=1e-6), n
+
+
+def test_two_processes_keep_the_global_loss_history(monkeypatch):
+    """After a step on two simulated processes every rank holds the history one process holds
+    after the step on the global batch (each rank's increments all-reduced), so the next step's
+    normalised histories agree."""
+    from simulated_ranks import run_two_ranks, shard_batch
+
+    def make():
+        return _trainer()
+
+    single = make()
+    batch = _batch(single)
+    single.model.train()
+    single.method.training_step(batch)
+    expected = single.method.history.values
+
+    def body(tr, r):
+        tr.model.train()
+        tr.method.training_step(shard_batch(batch, r))
+        return {m: v.clone() for m, v in tr.method.history.values.items()}
+
+    h0, h1 = run_two_ranks(monkeypatch, make, body)
+    for m in ("a", "b"):
+        assert torch.equal(h0[m], h1[m]), m
+        assert torch.allclose(h0[m], expected[m], atol=1e-6), m
+        assert bool((h0[m][batch["index"]] > 0).all())

@@ -29,6 +29,13 @@ def test_schedule_by_hand():
     # three modalities, no rectification: a, v, t, a, ... one epoch each, every epoch a phase start
     got = [(p.stage, p.phase, p.learner, p.phase_start) for p in (reconboost_schedule(e, 1, 0, 3) for e in range(4))]
     assert got == [(0, 1, 0, True), (1, 1, 1, True), (2, 1, 2, True), (3, 1, 0, True)]
+    # one modality: every stage boosts it (the others' ensemble is then the uniform prediction)
+    got = [(p.stage, p.phase, p.learner) for p in (reconboost_schedule(e, 2, 1, 1) for e in range(4))]
+    assert got == [(0, 1, 0), (0, 1, 0), (0, 2, 0), (1, 1, 0)]
+    # each argument is checked on its own: no boosting epoch, a negative rectification, no modality
+    for bad in ((0, 1, 2), (2, -1, 2), (2, 1, 0)):
+        with pytest.raises(ConfigError):
+            reconboost_schedule(0, *bad)
 
 
 def test_boosting_weights_and_loss_by_hand():
@@ -79,7 +86,14 @@ def test_ensemble_head_is_beta_times_the_sum_of_learners():
     for m in feats:
         assert torch.allclose(zm[m], head.head(head.proj[m](feats[m])))
     assert torch.allclose(z, 0.7 * (zm["a"] + zm["v"] + zm["t"]))
+    # the shared head by hand: Linear -> ReLU -> Linear (the public code's Head)
+    first, last = head.head[0], head.head[-1]
+    hand = torch.relu(feats["a"] @ first.weight.T + first.bias) @ last.weight.T + last.bias
+    assert torch.allclose(zm["a"], hand, atol=1e-6)
     assert isinstance(BoostEnsemble({"a": 4}, 3, head_hidden=0).head, torch.nn.Linear)
+    # the single-learner boosting weights live on the labels' device (a CUDA run with one modality)
+    w = boosting_weights(None, torch.zeros(4, dtype=torch.long, device="meta"), 5.0, 1.0, 3)
+    assert w.device.type == "meta"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +109,23 @@ def _trainer(mods=("a", "v"), missing=0.0, seed=0, bn=False, data_seed=0, **meth
 
 def _batch(tr, seed=0, n=16):
     return next(iter(tr.loader(tr.data.train, batch_size=n, shuffle=True, seed=seed)))
+
+
+def _step(tr, batch):
+    """One ``training_step``: (the gradients the optimizer sees, the step's result)."""
+    out = {}
+    orig = tr.method.training_step
+
+    def step(b):
+        out["result"] = orig(b)
+        return out["result"]
+
+    tr.method.training_step = step
+    try:
+        grads = capture_step_grads(tr, batch)
+    finally:
+        del tr.method.training_step
+    return grads, out["result"]
 
 
 def _phase1_reference(tr, batch, m, prev, alpha, w1=5.0, w2=1.0, real=True):
@@ -124,6 +155,9 @@ def _phase1_reference(tr, batch, m, prev, alpha, w1=5.0, w2=1.0, real=True):
     (("a", "v"), 0.0, 2, {}),                                   # stage 1: learner v, previous a
     (("a", "v"), 0.4, 2, {"reconcile_grad": "detached"}),       # the public code: the alpha term has no gradient
     (("a", "v", "t"), 0.3, 4, {"alpha": 2.0, "weight1": 3.0, "weight2": 2.0}),  # stage 2: learner t, previous v
+    # BatchNorm, and absent inputs the loader left as they were: the learner's absent samples must
+    # enter its batch statistics as the zeros of the input absent policy
+    (("a", "v"), 0.4, 2, {"bn": True}),
 ])
 def test_phase1_step_equals_the_hand_written_reference(mods, missing, epoch, opts):
     tr = _trainer(mods, missing, **opts)
@@ -132,9 +166,19 @@ def test_phase1_step_equals_the_hand_written_reference(mods, missing, epoch, opt
     assert pos.phase == 1
     m = mods[pos.learner]
     prev = mods[(pos.stage - 1) % len(mods)] if pos.stage else None
+    p_others = []
     for s in range(2):
         batch = _batch(tr, seed=s)
+        if opts.get("bn"):
+            for j in mods:
+                absent = ~batch["present"][j]
+                batch["inputs"][j][absent] = 3.0 + torch.randn(int(absent.sum()), 5)
         tr.model.train()
+        with torch.no_grad():  # the others' ensemble's mean true-class probability over the samples with m
+            zm = tr.model(batch["inputs"], batch["present"]).unimodal_logits
+            ens = 0.6 * sum(zm[j] for j in mods if j != m)
+            p = ens.softmax(1)[torch.arange(len(batch["label"])), batch["label"]]
+            p_others.append(float(p[batch["present"][m]].mean()))
         expected = _phase1_reference(tr, batch, m, prev, opts.get("alpha", 0.5), opts.get("weight1", 5.0),
                                      opts.get("weight2", 1.0), opts.get("reconcile_grad", "real") == "real")
         got = capture_step_grads(tr, batch)
@@ -146,6 +190,8 @@ def test_phase1_step_equals_the_hand_written_reference(mods, missing, epoch, opt
     logs = tr.method.epoch_diagnostics()
     assert logs[f"learner_{m}"] == 1.0 and logs["phase"] == 1.0 and logs["stage"] == pos.stage
     assert ("consolidation_loss" in logs) == (prev is not None)
+    assert logs["beta"] == pytest.approx(0.6)  # frozen in phase 1
+    assert logs["p_others"] == pytest.approx(sum(p_others) / 2, rel=1e-5)
 
 
 def test_real_and_detached_consolidation_differ_only_in_the_alpha_term_gradient():
@@ -172,12 +218,15 @@ def test_phase2_rectifies_every_learner_and_beta_with_the_fused_loss():
     loss = F.cross_entropy(beta * (zm["a"] + zm["v"]), batch["label"])
     names, params = zip(*tr.model.named_parameters())
     expected = dict(zip(names, torch.autograd.grad(loss, params)))
-    got = capture_step_grads(tr, batch)
+    got, result = _step(tr, batch)
     assert set(got) == set(names) and "fusion.beta" in got
     for n in names:
         assert torch.allclose(got[n], expected[n], atol=1e-6, rtol=1e-5), n
+    assert float(result["loss"]) == pytest.approx(float(loss.detach()), rel=1e-5)  # the engine averages it
     logs = tr.method.epoch_diagnostics()
-    assert logs["phase"] == 2.0 and logs["learner_a"] == 0.0 and "rectify_loss" in logs
+    assert logs["phase"] == 2.0 and logs["learner_a"] == 0.0
+    assert logs["rectify_loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert logs["beta"] == pytest.approx(0.6)  # logged before the step moves it
 
 
 def test_prediction_is_the_ensemble():
@@ -290,3 +339,9 @@ def test_options_are_typed_and_cross_checked():
             create_method("reconboost", **bad)
     m = create_method("reconboost", weight1="4", correct_epochs="0")
     assert m.weight1 == 4.0 and m.correct_epochs == 0 and m.hparams()["reconcile_grad"] == "real"
+
+
+def test_defaults_are_the_public_codes_crema_d_setting():
+    m = create_method("reconboost")
+    assert m.hparams() == {"epochs_per_stage": 4, "correct_epochs": 4, "weight1": 5.0, "weight2": 1.0, "alpha": 0.5,
+                           "reconcile_grad": "real", "boost_rate": 1.0, "head_hidden": 256, "reset_optimizer": True}

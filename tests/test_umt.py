@@ -34,10 +34,11 @@ def test_distillation_term_by_hand_and_mse_loss():
         feature_distillation(s, t[:, :2])
 
 
-def _student_step(tr, batch):
+def _student_step(tr, batch, reported=None):
     tr.method.stage1_done = True  # teachers as they are: the student's step alone
     tr.model.train()
-    return capture(tr, lambda: tr.method.training_step(batch))
+    reported = {} if reported is None else reported
+    return capture(tr, lambda: reported.update(tr.method.training_step(batch)))
 
 
 def test_student_step_against_reference():
@@ -65,7 +66,11 @@ def test_student_step_against_reference():
     ref = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
     model.zero_grad(set_to_none=True)
     torch.manual_seed(5)  # the same dropout masks for the student
-    got = _student_step(tr, batch)
+    reported = {}
+    got = _student_step(tr, batch, reported)
+    # what the step reports (the epoch's train losses in metrics.jsonl): the loss it stepped on
+    assert float(reported["loss"]) == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert float(reported["loss_fused"]) == pytest.approx(float(F.cross_entropy(out.logits.detach(), batch["label"])), rel=1e-5)
     assert set(got) == set(ref) and not any(n.startswith("teachers.") for n in got)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6)
@@ -112,6 +117,45 @@ def test_teachers_trained_once_before_the_first_epoch_student_untouched():
     assert all(torch.equal(tr.model.teachers.state_dict()[k], v) for k, v in again.items())
 
 
+def test_teachers_kept_at_their_best_epoch_by_default():
+    """Default member_selection: each teacher ends at its best validation epoch, as a separate
+    unimodal run's best.pt (here that differs from the last epoch for at least one teacher)."""
+    def teachers(**opts):
+        tr = make(pretrain_epochs=4, **opts)
+        tr.method.on_epoch_start(0)
+        return tr.model.teachers.state_dict(), tr.method.epoch_diagnostics()
+
+    default, diag = teachers()
+    best, _ = teachers(member_selection="best")
+    last, _ = teachers(member_selection="last")
+    assert all(torch.equal(v, best[k]) for k, v in default.items())
+    assert any(not torch.equal(v, last[k]) for k, v in default.items())
+    assert any(diag[f"teacher_epoch_{m}"] < 4 for m in ("a", "b"))
+
+
+def test_teacher_scores_use_the_runs_select_metric():
+    from mmbalance.methods.unimodal_pretrain import member_val_scores
+
+    cfg = load_config(None, {"train.epochs": 2, "method.name": "umt", "train.progress": "off", "train.probe": False,
+                             "train.batch_size": 16, "train.select_metric": "map", "method.pretrain_epochs": 1})
+    tr = Trainer(cfg, data=tiny_data(48, hidden=[8], dropout=0.0))
+    tr.method.on_epoch_start(0)
+    diag = tr.method.epoch_diagnostics()
+    nets = tr.method.nets(["a", "b"])
+    want, acc = member_val_scores(tr.method, nets, "map"), member_val_scores(tr.method, nets, "accuracy")
+    for m in ("a", "b"):
+        assert diag[f"teacher_val_{m}"] == pytest.approx(want[m]) and want[m] != pytest.approx(acc[m])
+
+
+def test_training_step_without_the_epoch_hooks_trains_the_teachers_first():
+    tr = make(pretrain_epochs=1)
+    teachers = {k: v.clone() for k, v in tr.model.teachers.state_dict().items()}
+    tr.model.train()
+    tr.method.training_step(first_batch(tr))  # no on_epoch_start: stage 1 runs before the step
+    assert tr.method.stage1_done and "teacher_val_a" in tr.method.epoch_diagnostics()
+    assert any(not torch.equal(v, teachers[k]) for k, v in tr.model.teachers.state_dict().items())
+
+
 def test_student_init_teacher_copies_the_teacher_encoders():
     tr = make(pretrain_epochs=1, student_init="teacher")
     tr.method.on_epoch_start(0)
@@ -140,6 +184,20 @@ def test_teachers_from_runs(tmp_path):
     wide = _unimodal_run(tmp_path, "a", hidden=(8, 4))
     with pytest.raises(ConfigError, match="does not fit"):
         make(teachers_from={"a": str(wide)}).method.on_epoch_start(0)
+
+
+def test_teachers_from_every_modality_trains_no_teacher(tmp_path):
+    """Every teacher from a run: no stage 1 (pretrain_epochs left at its default, train.epochs)."""
+    runs = {m: _unimodal_run(tmp_path, m) for m in ("a", "b")}
+    tr = make(teachers_from={m: str(r) for m, r in runs.items()})
+    tr.method.on_epoch_start(0)
+    now = tr.model.state_dict()
+    for m, r in runs.items():
+        saved = torch.load(r / "best.pt", weights_only=True)["model"]
+        assert torch.equal(now[f"teachers.{m}.encoder.net.1.weight"], saved[f"encoders.{m}.net.1.weight"])
+        assert torch.equal(now[f"teachers.{m}.head.weight"], saved["fusion.fc.weight"])
+    diag = tr.method.epoch_diagnostics()
+    assert {"teacher_val_a", "teacher_val_b"} <= set(diag) and not any(k.startswith("teacher_epoch_") for k in diag)
 
 
 def test_two_ranks_equal_one_process(monkeypatch):

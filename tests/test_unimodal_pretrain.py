@@ -14,19 +14,21 @@ from mmbalance.engine import Trainer
 from mmbalance.engine.trainer import Trainer as _Trainer
 from mmbalance.methods import create_method
 from mmbalance.methods import unimodal_pretrain as up
-from mmbalance.methods.unimodal_pretrain import (masked_mean_loss, member_statistics, member_step, member_val_scores,
-                                                 pretrain_members, read_run_weights, reduced_member_losses, stage1_seed)
+from mmbalance.methods.unimodal_pretrain import (encode_member, masked_mean_loss, member_statistics, member_step,
+                                                 member_val_scores, pretrain_members, read_run_weights,
+                                                 reduced_member_losses, stage1_seed)
 from mmbalance.registry import ConfigError
 from mmbalance.utils import to_device
 
 from helpers import tiny_data
+from simulated_ranks import run_two_ranks, shard_batch
 
 
-def make(method="unimodal_pretrain", fusion="concat", epochs=2, data=None, seed=0, **opts):
+def make(method="unimodal_pretrain", fusion="concat", epochs=2, data=None, seed=0, over=None, **opts):
     cfg = load_config(None, {"train.epochs": epochs, "method.name": method, "train.progress": "off",
                              "train.probe": False, "model.fusion": fusion, "train.batch_size": 16,
                              "train.seed": seed, "optim.name": "sgd", "optim.momentum": 0.9,
-                             "optim.weight_decay": 1e-3, "optim.lr": 0.05,
+                             "optim.weight_decay": 1e-3, "optim.lr": 0.05, **(over or {}),
                              **{f"method.{k}": v for k, v in opts.items()}})
     return Trainer(cfg, data=data if data is not None else tiny_data(48, hidden=[8], dropout=0.0))
 
@@ -53,47 +55,23 @@ def capture(tr, fn):
 
 
 def two_ranks(make_trainer, run, monkeypatch, batch=None):
-    """Run ``run(trainer, shard)`` on two simulated ranks in threads: rank r gets samples ``r::2``
-    of ``batch`` (as the engine's sharded sampler deals them), ``world_size``/``rank`` say 2/r,
-    and ``all_reduce_sum`` sums over the ranks. Both trainers start from the same weights."""
-    monkeypatch.setattr(_Trainer, "world_size", property(lambda s: getattr(s, "_sim_world", 1)))
-    monkeypatch.setattr(_Trainer, "rank", property(lambda s: getattr(s, "_sim_rank", 0)))
-    ranks = [make_trainer(), make_trainer()]
-    ranks[1].model.load_state_dict(ranks[0].model.state_dict())
-    barrier, box, out, errors = threading.Barrier(2, timeout=60), {}, {}, []
+    """Run ``run(trainer, shard)`` on two simulated ranks (tests/simulated_ranks.py): rank r gets
+    samples ``r::2`` of ``batch`` (as the engine's sharded sampler deals them), ``world_size`` /
+    ``rank`` say 2 / r, the collectives and the engine's gradient averaging act over the ranks.
+    Both trainers start from the same weights. Returns ``[result of rank 0, result of rank 1]``."""
+    made = []
 
-    def reducer(r):
-        def reduce(t):
-            box[r] = t.detach().clone()
-            barrier.wait()
-            total = box[0] + box[1]
-            barrier.wait()
-            return total
-        return reduce
+    def same_weights():
+        tr = make_trainer()
+        if made:
+            tr.model.load_state_dict(made[0].model.state_dict())
+        made.append(tr)
+        return tr
 
-    def shard(x, r):
-        if isinstance(x, dict):
-            return {k: shard(v, r) for k, v in x.items()}
-        return x[r::2]
+    def body(tr, r):
+        return run(tr, None if batch is None else shard_batch(batch, r))
 
-    def go(r):
-        try:
-            tr = ranks[r]
-            tr._sim_world, tr._sim_rank = 2, r
-            tr.all_reduce_sum = reducer(r)
-            out[r] = run(tr, None if batch is None else shard(batch, r))
-        except Exception as e:  # pragma: no cover - surfaced below
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=go, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return out
+    return run_two_ranks(monkeypatch, same_weights, body)
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -111,6 +89,18 @@ def test_member_losses_by_hand_and_over_two_halves():
     per_rank = [masked_mean_loss(h[0]["a"], h[1]["a"], stats[0, 1], world_size=2) for h in halves]
     assert float(sum(per_rank) / 2) == pytest.approx(8 / 3)  # what the engine's gradient average sees
     assert float(masked_mean_loss(torch.tensor([3.0]), torch.tensor([False]), torch.tensor(0.0))) == 0.0
+
+
+def test_member_encoding_follows_the_absent_policy():
+    """``input``: absent samples get a zero input, as MultimodalModel.encode; ``feature``: the
+    inputs are left as they are (the model zeroes features, and the member losses mask them);
+    no mask: the input as it is."""
+    x = torch.randn(4, 3) + 2.0
+    p = torch.tensor([True, False, True, False])
+    enc = torch.nn.Identity()
+    assert torch.equal(encode_member(enc, x, p, "input"), x * p.view(-1, 1).float())
+    assert torch.equal(encode_member(enc, x, p, "feature"), x)
+    assert torch.equal(encode_member(enc, x, None, "input"), x)
 
 
 def test_stage1_seeds_are_apart_from_the_run_epochs():
@@ -216,6 +206,52 @@ def test_member_selection_keeps_each_members_best_epoch(monkeypatch, selection):
     assert not torch.equal(seen[1]["a"], seen[3]["a"])  # the epochs did change the weights
 
 
+def test_the_kept_epoch_is_logged_1_based_and_the_run_metric_scores_members(monkeypatch):
+    """Scripted validation scores: a is kept at its epoch 2 (0-based 1), b at epoch 3; the scores
+    logged are the final pass's; every validation pass uses the run's select_metric."""
+    script = [{"a": 0.5, "b": 0.2}, {"a": 0.9, "b": 0.1}, {"a": 0.7, "b": 0.3}, {"a": 0.85, "b": 0.3}]
+    metrics = []
+    seen = []
+
+    def fake(method, nets, metric="accuracy"):
+        metrics.append(metric)
+        seen.append(1)
+        return {m: script[len(seen) - 1][m] for m in nets}
+
+    monkeypatch.setattr(up, "member_val_scores", fake)
+    tr = make(epochs=2, pretrain_epochs=3, over={"train.select_metric": "macro_f1"})
+    tr.method.on_epoch_start(0)
+    assert metrics == ["macro_f1"] * 4  # three stage-1 epochs and the final pass
+    diag = tr.method.epoch_diagnostics()
+    assert (diag["pretrain_epoch_a"], diag["pretrain_epoch_b"]) == (2.0, 3.0)
+    assert (diag["pretrain_val_a"], diag["pretrain_val_b"]) == (0.85, 0.3)
+
+
+def test_stage1_drops_a_trailing_batch_of_one_sample(monkeypatch):
+    """49 samples, batch 16: three batches of 16 per stage-1 epoch, the single last sample dropped
+    (BatchNorm cannot train on one), as the engine's own epochs."""
+    sizes = []
+    orig_step = up.member_step
+    monkeypatch.setattr(up, "member_step",
+                        lambda meth, nets, b: sizes.append(len(b["label"])) or orig_step(meth, nets, b))
+    tr = make(epochs=1, pretrain_epochs=2, data=tiny_data(49, hidden=[8], dropout=0.0))
+    tr.method.on_epoch_start(0)
+    assert sizes == [16] * 6
+
+
+def test_a_training_step_without_the_epoch_hooks_runs_stage1_first(monkeypatch):
+    calls = []
+    orig = up.pretrain_members
+    monkeypatch.setattr(up, "pretrain_members", lambda *a, **k: calls.append(a[2]) or orig(*a, **k))
+    tr = make(epochs=2, pretrain_epochs=1)
+    batch = first_batch(tr)
+    tr.model.train()
+    tr.method.training_step(batch)
+    assert calls == [1] and tr.method.stage1_done
+    tr.method.training_step(batch)
+    assert calls == [1]
+
+
 def test_stage1_runs_once_for_pretrain_epochs_before_the_first_epoch(monkeypatch):
     calls = []
     orig = up.pretrain_members
@@ -267,9 +303,12 @@ def _stage2(tr, batch):
     return grads, deltas
 
 
-def test_fused_step_is_joint_cross_entropy():
-    ref = make("joint", data=tiny_data(48, hidden=[8], dropout=0.0, missing=0.3))
-    tr = make(data=tiny_data(48, hidden=[8], dropout=0.0, missing=0.3))
+@pytest.mark.parametrize("policy", ["input", "feature"])
+def test_fused_step_is_joint_cross_entropy(policy):
+    """Joint training's step; with the feature absent policy the presence mask reaches the fusion."""
+    over = {"model.absent_policy": policy}
+    ref = make("joint", data=tiny_data(48, hidden=[8], dropout=0.0, missing=0.3), over=over)
+    tr = make(data=tiny_data(48, hidden=[8], dropout=0.0, missing=0.3), over=over)
     own = {k: v for k, v in tr.model.state_dict().items() if not k.startswith("pretrain_heads.")}
     ref.model.load_state_dict(own)
     batch = first_batch(tr)
@@ -292,8 +331,10 @@ def test_encoder_lr_factor_is_a_per_parameter_learning_rate():
     quarter of the factor-1 update for the encoders and identical for the fusion."""
     data = tiny_data(48, hidden=[8], dropout=0.0)
     a, b, ref = make(data=data), make(data=data, encoder_lr_factor=0.25), make(data=data)
+    fast = make(data=data, encoder_lr_factor=2.0)  # a factor above 1 scales the update up
     b.model.load_state_dict(a.model.state_dict())
     ref.model.load_state_dict(a.model.state_dict())
+    fast.model.load_state_dict(a.model.state_dict())
     enc = list(ref.model.encoders.parameters())
     rest = [p for n, p in ref.model.named_parameters() if not n.startswith("encoders.")]
     ref.optimizer = torch.optim.SGD([{"params": enc, "lr": 0.05 * 0.25}, {"params": rest, "lr": 0.05}],
@@ -301,9 +342,11 @@ def test_encoder_lr_factor_is_a_per_parameter_learning_rate():
     batch = first_batch(a)
     _, da = _stage2(a, batch)
     _, db = _stage2(b, batch)
+    _, dfast = _stage2(fast, batch)
     for n in da:
         if n.startswith("encoders."):
             torch.testing.assert_close(db[n], 0.25 * da[n], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(dfast[n], 2.0 * da[n], rtol=1e-5, atol=1e-7)
         else:
             assert torch.equal(db[n], da[n]), n
     _stage2(ref, batch)
@@ -377,6 +420,20 @@ def test_init_from_errors(tmp_path):
     joint = _unimodal_run(tmp_path, "a", fusion_method="joint")
     enc, head = read_run_weights(joint, "a", "x")
     assert enc and head is None
+
+
+def test_read_run_weights_of_odd_checkpoints(tmp_path):
+    """A best.pt that is not a mapping is refused in one line; a head without a bias is not a
+    member head (None: the member head stays as built)."""
+    (tmp_path / "tensor").mkdir()
+    torch.save(torch.zeros(3), tmp_path / "tensor" / "best.pt")
+    with pytest.raises(ConfigError, match="holds no model weights"):
+        read_run_weights(tmp_path / "tensor", "a", "x")
+    (tmp_path / "nobias").mkdir()
+    torch.save({"model": {"encoders.a.net.1.weight": torch.zeros(8, 5), "encoders.a.net.1.bias": torch.zeros(8),
+                          "fusion.heads.a.weight": torch.ones(3, 8)}}, tmp_path / "nobias" / "best.pt")
+    enc, head = read_run_weights(tmp_path / "nobias", "a", "x")
+    assert set(enc) == {"net.1.weight", "net.1.bias"} and head is None
 
 
 # ----------------------------------------------------------------------------- resume, runs

@@ -640,3 +640,49 @@ def test_plan_is_the_same_on_any_number_of_processes(method, monkeypatch):
         assert sorted(b) == sorted(batches1)  # the same batches, dealt to the ranks
         assert p.keys() == plan1.keys() and all(torch.equal(p[k], plan1[k]) for k in p)
         assert d == diag1
+
+
+# ----------------------------------------------------------------------------- mutation-testing additions (valuation)
+
+
+def test_official_thresholds_are_inclusive_at_phi_0_4_and_minus_0_1():
+    """The public code: 1 copy for 0.4 < phi < 1, 2 for -0.1 < phi <= 0.4, 3 for phi <= -0.1 (at
+    both boundaries it differs from ``double``, which rounds 2 * 0.6 and 2 * 1.1 to 1 and 2)."""
+    phi = torch.tensor([0.4, 0.401, -0.1, -0.099], dtype=torch.float64)
+    assert resample_counts(phi, "official").tolist() == [2, 1, 3, 2]
+    assert resample_counts(phi, "double").tolist() == [1, 1, 2, 2]
+    # 0.4 is a reachable Shapley value for five modalities: a multiple of 1/5! = 1/120
+    assert (0.4 * math.factorial(5)).is_integer()
+
+
+def test_sample_valuation_options_reach_the_plan():
+    """``f_s`` and ``absent_policy`` (here other than the model's) decide the copies."""
+    splits = tiny_splits(M=3)
+    tr = trainer_for("sample_valuation", splits, policy="input", warmup_epochs=0, f_s="identity",
+                     absent_policy="feature")
+    method = tr.method
+    method.on_epoch_start(0)
+    ds = method.train_dataset(0, splits.train)
+    assert tr.model.absent_policy == "input"
+    phi = modality_contributions(tr.model, tr.loader(splits.train_eval), absent_policy="feature")
+    counts = resample_counts(phi, "identity")
+    got = torch.zeros_like(counts)
+    for src, m in zip(ds.copy_index.tolist(), ds.copy_modality.tolist()):
+        got[src, m] += 1
+    assert torch.equal(got, counts)
+    # the options matter here: the model's own policy or the default f_s would plan other copies
+    other = modality_contributions(tr.model, tr.loader(splits.train_eval), absent_policy="input")
+    assert not torch.equal(resample_counts(other, "identity"), counts)
+    assert not torch.equal(resample_counts(phi, "double"), counts)
+
+
+def test_modality_valuation_logs_copies_of_the_enhanced_modality_only():
+    splits = tiny_splits(M=3)
+    tr = trainer_for("modality_valuation", splits, warmup_epochs=0, fixed_rate=0.5, subset_ratio=0.5)
+    tr.method.on_epoch_start(0)
+    ds = tr.method.train_dataset(0, splits.train)
+    diag = tr.method.epoch_diagnostics()
+    mods = tr.model.modalities
+    weak = [m for m in mods if diag[f"weakest/{m}"] == 1.0]
+    assert len(weak) == 1 and diag[f"copies/{weak[0]}"] == len(ds) - 48 > 0
+    assert all(diag[f"copies/{m}"] == 0 for m in mods if m != weak[0])

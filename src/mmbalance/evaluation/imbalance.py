@@ -180,10 +180,10 @@ def _spectrum(weight: Tensor) -> dict[str, Any]:
 def head_singular_values(head: nn.Module, blocks: Mapping[str, tuple[int, int]] | None = None,
                          block_layer: str | None = None) -> dict[str, dict[str, Any]]:
     """The spectrum (``singular_values``, ``condition`` = largest / smallest, ``frobenius``) of
-    every linear layer's weight in ``head`` (keyed by its name in the module, ``""`` for the head
-    itself). ``blocks`` ``{modality: (start, stop)}`` with ``block_layer`` (a layer name) also
-    splits that layer's input columns per modality (``"fc[pix]"``): for a concatenation head,
-    the block of the weight that reads each modality."""
+    every linear layer's weight in ``head`` (keyed by its name in the module, ``"head"`` when
+    ``head`` is itself a linear layer). ``blocks`` ``{modality: (start, stop)}`` with
+    ``block_layer`` (a layer name) also splits that layer's input columns per modality
+    (``"fc[pix]"``): for a concatenation head, the block of the weight that reads each modality."""
     out: dict[str, dict[str, Any]] = {}
     for name, mod in head.named_modules():
         if isinstance(mod, nn.Linear):
