@@ -1,6 +1,5 @@
 """Run-folder files: checkpoint faults in one line, stale temporaries, strict JSON."""
 import json
-import logging
 import math
 import os
 import zipfile
@@ -21,18 +20,6 @@ def strict_loads(text):
     def refuse(token):
         raise ValueError(f"non-standard JSON constant {token}")
     return json.loads(text, parse_constant=refuse)
-
-
-@pytest.fixture
-def warnings_of_mmbalance():
-    """Records of the 'mmbalance' logger (the CLI may have turned its propagation off)."""
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("mmbalance")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def state():

@@ -1,6 +1,5 @@
 """Bad data is reported in one line before anything is built: the .npz loader, validate_splits
 for any DataSplits, and the command line (exit status 2, no traceback)."""
-import logging
 
 import numpy as np
 import pytest
@@ -45,13 +44,8 @@ def raises_one_line(fn, *fragments):
 
 
 @pytest.fixture
-def logged():
-    records = []
-    h = logging.Handler(logging.WARNING)
-    h.emit = records.append
-    logging.getLogger("mmbalance").addHandler(h)
-    yield records
-    logging.getLogger("mmbalance").removeHandler(h)
+def logged(warnings_of_mmbalance):
+    return warnings_of_mmbalance
 
 
 # ----------------------------------------------------------------------------- the .npz format

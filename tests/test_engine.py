@@ -184,7 +184,6 @@ def test_probe_separates_separable_features_and_not_noise():
 def test_drop_last_rule_for_one_sample_trailing_batches(monkeypatch):
     """The training loader (and methods' auxiliary loaders) drop a trailing batch of one sample
     (BatchNorm cannot train on it); with two processes each gets n // 2 samples."""
-    from mmbalance.engine import trainer as trainer_mod
     from helpers import quick_config
 
     tr = Trainer(quick_config("joint", epochs=1, **{"train.batch_size": 16}))

@@ -395,22 +395,13 @@ def test_greedy_model_applies_the_absent_policy():
         assert not torch.allclose(full.features["a"][absent], out.features["a"][absent])
 
 
-def test_another_fusion_is_replaced_with_a_warning():
-    import logging
-
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    logger = logging.getLogger("mmbalance")
-    logger.addHandler(handler)
-    try:
-        for fusion, warned in (("sum", True), (None, False)):
-            over = {"train.epochs": 1, "method.name": "greedy", "train.progress": "off", "train.probe": False}
-            if fusion is not None:
-                over["model.fusion"] = fusion
-            records.clear()
-            tr = Trainer(load_config(None, over), data=tiny_data())
-            assert isinstance(tr.model, GreedyModel)
-            assert any("fusion 'sum' is ignored" in r.getMessage() for r in records) == warned
-    finally:
-        logger.removeHandler(handler)
+def test_another_fusion_is_replaced_with_a_warning(warnings_of_mmbalance):
+    records = warnings_of_mmbalance
+    for fusion, warned in (("sum", True), (None, False)):
+        over = {"train.epochs": 1, "method.name": "greedy", "train.progress": "off", "train.probe": False}
+        if fusion is not None:
+            over["model.fusion"] = fusion
+        records.clear()
+        tr = Trainer(load_config(None, over), data=tiny_data())
+        assert isinstance(tr.model, GreedyModel)
+        assert any("fusion 'sum' is ignored" in r.getMessage() for r in records) == warned

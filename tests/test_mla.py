@@ -1,7 +1,6 @@
 """MLA: OWM projector, head-weight-only projection, update order, per-sample entropy fusion,
 alternation touching only the scheduled encoder, missing modalities, resume state."""
 import copy
-import math
 
 import numpy as np
 import pytest
@@ -457,26 +456,6 @@ def test_fit_builds_shared_head_and_runs():
 
 
 # ----------------------------------------------------------------------------- mutation-testing additions
-class _Records:
-    """The ``mmbalance`` logger's records inside the block (the CLI turns its propagation off, so
-    pytest's caplog does not always see them)."""
-
-    def __init__(self):
-        import logging
-
-        self.records = []
-        self.logger = logging.getLogger("mmbalance")
-        self.handler = logging.Handler(logging.WARNING)
-        self.handler.emit = self.records.append
-
-    def __enter__(self):
-        self.logger.addHandler(self.handler)
-        return self.records
-
-    def __exit__(self, *exc):
-        self.logger.removeHandler(self.handler)
-
-
 def test_fusion_rule_defaults_to_the_papers_entropy_weights():
     za = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     zv = torch.tensor([[0.0, 0.0, 0.0], [0.0, 4.0, 0.0]])
@@ -484,7 +463,7 @@ def test_fusion_rule_defaults_to_the_papers_entropy_weights():
     assert torch.equal(mla_fuse([za, zv])[0], mla_fuse([za, zv], "entropy")[0])
 
 
-def test_shared_head_options_are_used_and_another_fusion_is_replaced_with_a_warning():
+def test_shared_head_options_are_used_and_another_fusion_is_replaced_with_a_warning(warnings_of_mmbalance):
     """``--fusion shared_head`` keeps its fusion options (here the head width); any other
     fusion than the engine's default is replaced by shared_head with a warning naming it."""
     data = _splits()
@@ -496,9 +475,9 @@ def test_shared_head_options_are_used_and_another_fusion_is_replaced_with_a_warn
     for fusion, warned in (("sum", True), ("concat", False)):
         over = {"train.epochs": 1, "method.name": "mla", "train.progress": "off", "train.probe": False,
                 "model.fusion": fusion}
-        with _Records() as records:
-            tr = Trainer(load_config(None, over), run_dir=None, data=_splits())
-        msgs = [r.getMessage() for r in records]
+        warnings_of_mmbalance.clear()
+        tr = Trainer(load_config(None, over), run_dir=None, data=_splits())
+        msgs = [r.getMessage() for r in warnings_of_mmbalance]
         assert hasattr(tr.model.fusion, "head_input")
         assert any(f"--fusion {fusion} is ignored" in m for m in msgs) == warned, msgs
 

@@ -8,7 +8,7 @@ import yaml
 from hypothesis import given, settings, strategies as st
 
 from mmbalance.cli import main
-from mmbalance.config import RunConfig, TrainConfig, OptimConfig, config_fingerprint, load_config
+from mmbalance.config import TrainConfig, OptimConfig, config_fingerprint, load_config
 from mmbalance.options import Annotated, Interval, coerce_value, describe_options, describe_type
 from mmbalance.registry import ConfigError
 

@@ -12,7 +12,7 @@ from mmbalance.cli import main
 from mmbalance.experiments.files import load_experiment_file
 from mmbalance.experiments.summarize import paired_t_test, student_t_sf, summarize_folder
 from mmbalance.experiments.tuning import SHARED, SPACES, sample_trials, search_space
-from mmbalance.methods import create_method, get_method_class, list_methods
+from mmbalance.methods import create_method, list_methods
 from mmbalance.registry import ConfigError
 
 TINY = {"train.epochs": 2, "train.probe": False, "train.progress": "off", "train.eval_batch_size": 512}

@@ -3,7 +3,6 @@ over simulated ranks, the stage-1 step against a hand-written reference, stage-1
 selection (best / last epoch), the validation pass (eval mode, present samples, two ranks), the
 fused stage (frozen encoders, encoder learning-rate factor), init_from, optimizer state, resume."""
 import math
-import threading
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ import torch.nn.functional as F
 
 from mmbalance.config import load_config
 from mmbalance.engine import Trainer
-from mmbalance.engine.trainer import Trainer as _Trainer
 from mmbalance.methods import create_method
 from mmbalance.methods import unimodal_pretrain as up
 from mmbalance.methods.unimodal_pretrain import (encode_member, masked_mean_loss, member_statistics, member_step,

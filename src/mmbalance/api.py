@@ -27,7 +27,7 @@ from .data import DataSplits, build_dataset, list_datasets
 from .engine.assembly import amp_dtype, build_method, resolve_device, spec_from_dict
 from .engine.inference import InferenceHandle, predict_batches, split_metrics
 from .engine.rundir import RunFolder, load_model_state
-from .engine.trainer import Trainer, default_run_dir, load_run_config
+from .engine.trainer import Trainer, load_run_config
 from .methods import Method, ModelSpec, create_method, list_methods
 from .models import MultimodalModel, list_encoders, list_fusions
 from .registry import ConfigError

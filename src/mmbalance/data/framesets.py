@@ -462,7 +462,7 @@ def nvgesture(root: str | None = None, modalities: list[str] | None = None, num_
     entries = {s: read_nvgesture_list(r / n) for s, n in (("train", train_list), ("test", test_list))}
     labels = [e["label"] for es in entries.values() for e in es]
     if not labels or min(labels) < 0:
-        raise ConfigError(f"nvgesture: the lists hold no clip, or a label below 1 (labels are 1-based: label:1 .. label:25)")
+        raise ConfigError("nvgesture: the lists hold no clip, or a label below 1 (labels are 1-based: label:1 .. label:25)")
     num_classes = max(labels) + 1  # 25 with the release's lists
     kept, dropped = {}, {}
     for s in ("train", "test"):

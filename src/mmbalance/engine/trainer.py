@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant calls iter() on the loader eagerly (a second DataLoader iterator per epoch)
 

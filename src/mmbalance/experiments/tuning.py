@@ -25,7 +25,7 @@ import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..registry import ConfigError
 from .runner import RunSpec, run_experiment
