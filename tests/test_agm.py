@@ -381,3 +381,76 @@ def test_conditional_clip_on_the_device_is_clip_grad_norm_or_nothing(torch_api, 
             else:
                 assert torch.allclose(p.grad, q.grad, rtol=1e-6, atol=0)
     clip_grad_norm_where_([torch.nn.Parameter(torch.zeros(2))], 1.0, torch.tensor(True))  # no gradient: no-op
+
+
+# ---------------------------------------------------------------------------------------------
+# corners found by mutation testing
+def test_subset_logits_use_the_absent_features_they_are_given():
+    """An explicit ``absent`` mapping stands for every absent modality in f(S) (not the model's
+    own absent features); f(all) is the fusion of the features as they are."""
+    model = _model("concat")
+    model.eval()
+    x = {m: torch.randn(5, 6) for m in ("a", "v")}
+    with torch.no_grad():
+        feats = model.encode_all(x)
+        absent = {m: torch.full((1, f.shape[1]), 0.3 * (i + 1)) for i, (m, f) in enumerate(feats.items())}
+        sub = agm_subset_logits(model, feats, absent)
+        default = agm_subset_logits(model, feats)
+        for S in range(4):
+            fed = {m: (feats[m] if S >> i & 1 else absent[m].expand_as(feats[m])) for i, m in enumerate(("a", "v"))}
+            assert torch.allclose(sub[S], model.fusion(fed)[0], atol=1e-6), S
+        assert not torch.allclose(sub[1], default[1])  # the given absent features made a difference
+
+
+def test_step_logs_scores_ratios_references_and_the_clip():
+    """Diagnostics per step: s_m (the scores), r_m (instant ratios), rbar_m (ratios of the running
+    mean *before* the step: 1 at the first step), k_m, and ``clipped`` (1 when the clip fired)."""
+    tr = _trainer(alpha=0.7)
+    b1, b2 = _batch(tr, seed=1), _batch(tr, seed=2)
+    tr.model.train()
+    _, _, s1 = _reference_step(tr.model, b1, torch.zeros(2), 0.7)
+    tr.method.training_step(b1)
+    d = tr.method.epoch_diagnostics()
+    assert d["s_a"] == pytest.approx(float(s1[0]), rel=1e-5) and d["s_v"] == pytest.approx(float(s1[1]), rel=1e-5)
+    assert d["rbar_a"] == pytest.approx(1.0) and d["rbar_v"] == pytest.approx(1.0)
+    assert d["r_a"] == pytest.approx(math.exp(float(s1[1] - s1[0])), rel=1e-5)
+    assert d["clipped"] in (0.0, 1.0)
+    tr.method.training_step(b2)
+    d = tr.method.epoch_diagnostics()
+    assert d["rbar_a"] == pytest.approx(math.exp(float(s1[1] - s1[0])), rel=1e-5)
+    assert d["rbar_v"] == pytest.approx(math.exp(float(s1[0] - s1[1])), rel=1e-5)
+
+
+def test_clip_without_fusion_weight_gradients_is_a_no_op():
+    """No fusion weight has a gradient (a frozen head): nothing is clipped, ``clipped`` is 0;
+    a large fusion gradient logs ``clipped`` = 1."""
+    tr = _trainer(fusion_grad_clip=0.5)
+    params = list(tr.model.parameters())
+    fusion = set(map(id, tr.model.fusion.parameters()))
+    for p in params:
+        p.grad = None if id(p) in fusion else torch.full_like(p, 3.0)
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    tr.method._clip_if_large_fusion_grad()
+    assert all((b is None and p.grad is None) or torch.equal(p.grad, b) for p, b in zip(params, before))
+    assert tr.method.epoch_diagnostics()["clipped"] == 0.0
+    for p in params:
+        p.grad = torch.full_like(p, 0.01)
+    tr.model.fusion.fc.weight.grad[0, 0] = 2.0
+    tr.method._clip_if_large_fusion_grad()
+    assert tr.method.epoch_diagnostics()["clipped"] == 1.0
+
+
+def test_loaded_state_lands_on_the_trainers_device_and_keeps_what_it_lacks():
+    """Before setup (no trainer) the state loads on the CPU; after, on the trainer's device (a
+    stand-in trainer on the ``meta`` device); entries missing from a state keep their values."""
+    import types
+
+    st = {"score_mean": torch.tensor([0.5, 1.0]), "last_k": torch.tensor([1.1, 0.9]), "iteration": 3}
+    m = create_method("agm")
+    m.load_state_dict(st)
+    assert m.score_mean.device.type == "cpu" and torch.equal(m.last_k, st["last_k"]) and m.iteration == 3
+    m.load_state_dict({})
+    assert m.iteration == 3 and torch.equal(m.score_mean, st["score_mean"])
+    m.trainer = types.SimpleNamespace(device=torch.device("meta"))
+    m.load_state_dict(st)
+    assert m.score_mean.device.type == "meta" and m.last_k.device.type == "meta"

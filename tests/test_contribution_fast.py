@@ -289,3 +289,81 @@ def test_empty_batch_gives_empty_values(path):
     with torch.no_grad():
         v = subset_values(model, feats, torch.zeros(0, dtype=torch.long), absent, path=path)
     assert v.shape == (8, 0)
+
+
+def test_exact_integer_product_float64_route_is_int64_exact_to_the_bound_and_handles_empty():
+    # the float route returns int64 like the integer route
+    A = shapley_integer_matrix(3)
+    v = torch.randint(-3, 4, (8, 5), generator=torch.Generator().manual_seed(1))
+    out = _exact_integer_product(A, v, float64=True)
+    assert out.dtype == torch.int64 and torch.equal(out, A @ v)
+    # sum |A_i| * max |v| = 2^53 + 2 is past the bound: 2^53 + 1 (not a float64) comes out exactly
+    A1 = torch.tensor([[-1, 1]])
+    assert _exact_integer_product(A1, torch.tensor([[-2**52], [2**52 + 1]]), float64=True).item() == 2**53 + 1
+    # an empty batch (a process with no samples) gives an empty (M, 0) product on either route
+    for route in (True, False):
+        e = _exact_integer_product(A, torch.zeros(8, 0, dtype=torch.int64), float64=route)
+        assert e.shape == (3, 0) and e.dtype == torch.int64
+
+
+def test_subset_values_passes_its_path_on():
+    model, mods = model_for(2, "film")
+    feats, absent = features_for(model, batch_for(mods, n=6))
+    labels = torch.zeros(6, dtype=torch.long)
+    with pytest.raises(ValueError, match="no additive head"):
+        subset_values(model, feats, labels, absent, path="additive")
+    model, mods = model_for(2, "concat")
+    feats, absent = features_for(model, batch_for(mods, n=6))
+    counter = CallCounter(model.fusion)
+    subset_values(model, feats, labels, absent, path="general")
+    assert counter.calls >= 1  # the general path calls the fusion head ...
+    counter.calls = 0
+    subset_values(model, feats, labels, absent, path="additive")
+    assert counter.calls == 0  # ... the additive one never does
+
+
+@pytest.mark.parametrize("path", ["additive", "general"])
+def test_precomputed_absent_features_take_the_features_dtype(path):
+    """``absent`` reused across batches may come in another dtype (e.g. computed in float64):
+    both paths cast it to the features' dtype and give the same logits."""
+    model, mods = model_for(3, "concat", dtype=torch.float32)
+    batch = batch_for(mods, n=8, dtype=torch.float32)
+    feats, absent = features_for(model, batch)
+    ref = all_logits(model, feats, absent, path)
+    got = all_logits(model, feats, {m: a.double() for m, a in absent.items()}, path)
+    assert got.dtype == ref.dtype and torch.allclose(got, ref, atol=1e-6)
+
+
+def test_low_precision_model_shortcut_sums_terms_and_bias_in_float32():
+    """A bfloat16 model (no autocast): the shortcut adds the bf16 terms and the bf16 bias in
+    float32, as the docstring promises."""
+    model, mods = model_for(2, "concat", dtype=torch.bfloat16)
+    batch = batch_for(mods, n=6, missing=False, dtype=torch.bfloat16)
+    feats, absent = features_for(model, batch)
+    z = all_logits(model, feats, absent, "additive")
+    assert z.dtype == torch.float32
+    head = additive_head(model.fusion)
+    with torch.no_grad():
+        full = head.bias.float() + sum(head.term(m, feats[m]).float() for m in mods)
+    assert torch.allclose(z[-1], full, atol=1e-5)  # subset 0b11: every modality present
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_exact_paths_run_on_the_device_and_stay_there():
+    """On CUDA (no int64 matmul) the exact product takes the float64 route on the device, or the
+    CPU past the 2^53 bound, and every result comes back on the inputs' device."""
+    from mmbalance.evaluation.shapley import shapley_values
+    v = torch.randint(0, 4, (8, 7), generator=torch.Generator().manual_seed(0))
+    out = shapley_numerators(v.cuda())
+    assert out.device.type == "cuda" and out.dtype == torch.int64 and torch.equal(out.cpu(), shapley_numerators(v))
+    big = _exact_integer_product(torch.tensor([[1, -1]]), torch.tensor([[2**60 + 1], [2**60]]).cuda())
+    assert big.device.type == "cuda" and big.item() == 1
+    phi = shapley_values(v.double().cuda())
+    assert phi.device.type == "cuda" and torch.allclose(phi.cpu(), shapley_values(v.double()))
+    model, mods = model_for(3, "concat")
+    batch = batch_for(mods, n=12)
+    ref = batch_contributions(model, batch["inputs"], batch["present"], batch["label"], numerators=True)
+    dev = {k: ({m: t.cuda() for m, t in x.items()} if isinstance(x, dict) else x.cuda()) for k, x in batch.items()}
+    for path in ("additive", "general"):
+        got = batch_contributions(model.cuda(), dev["inputs"], dev["present"], dev["label"], numerators=True, path=path)
+        assert got.device.type == "cuda" and torch.equal(got.cpu(), ref)

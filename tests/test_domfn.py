@@ -305,3 +305,51 @@ def test_a_modality_absent_from_the_whole_batch_leaves_its_diagnostics_out():
     tr.method.training_step(only_a)
     d = tr.method.epoch_diagnostics()
     assert d["loss_b"] == pytest.approx(want["loss_b"], rel=1e-6)  # the one step that had b
+
+
+# ----------------------------------------------------------------------------- corners (mutation testing)
+def _head(batch, n):
+    return {k: ({m: t[:n] for m, t in v.items()} if isinstance(v, dict) else v[:n]) for k, v in batch.items()}
+
+
+def test_diagnostics_by_hand_on_small_batches():
+    """All samples fused (a huge tau): ``fused_fraction`` 1, ``loss_fused`` the mean CE of z,
+    ``penalty_b`` / ``loss_b`` over the one sample where b is present (counted: weight > 0); a
+    batch of one sample still has ``fused_fraction`` 1."""
+    tr = _trainer(tau=1e6)
+    batch = _head(_batch(tr), 3)
+    batch["present"] = {"a": torch.ones(3, dtype=torch.bool), "b": torch.tensor([False, True, False])}
+    tr.model.train()
+    with torch.no_grad():
+        out = tr.model(batch["inputs"], batch["present"])
+    y = batch["label"]
+    ce_f = F.cross_entropy(out.logits, y, reduction="none")
+    pb = F.softmax(out.unimodal_logits["b"][1], -1)
+    pf = F.softmax(out.logits[1], -1)
+    _, d = _losses(tr, batch)
+    assert d["fused_fraction"] == 1.0
+    assert d["loss_fused"] == pytest.approx(float(ce_f.mean()), rel=1e-5)
+    assert d["penalty_b"] == pytest.approx(float((pb - pf).pow(2).max()), rel=1e-5)
+    assert d["loss_b"] == pytest.approx(float(F.cross_entropy(out.unimodal_logits["b"][1:2], y[1:2])), rel=1e-5)
+    _, d1 = _losses(tr, _head(batch, 1))
+    assert d1["fused_fraction"] == 1.0
+
+
+def test_losses_stay_on_the_batchs_device():
+    """Every count and sum of the step is made on the batch's device (here ``meta``, as a CUDA
+    batch would be), so no CPU tensor is mixed in."""
+    tr = _trainer()
+    batch = _batch(tr)
+    tr.model.to("meta")
+
+    def mv(v):
+        return {k: mv(x) for k, x in v.items()} if isinstance(v, dict) else v.to("meta")
+
+    loss, diag = tr.method.losses(mv(batch))
+    assert loss.device.type == "meta" and diag["loss_fused"].device.type == "meta"
+
+
+def test_no_fusion_warning_with_the_default_concat(caplog):
+    with caplog.at_level(logging.WARNING, logger="mmbalance"):
+        Trainer(quick_config("domfn", epochs=1))
+    assert "is ignored" not in caplog.text

@@ -122,9 +122,10 @@ def test_options_are_validated():
 
 
 # ----------------------------------------------------------------------------- training step
-def _trainer(missing=0.0, bn=False, **method):
+def _trainer(missing=0.0, bn=False, absent_policy="input", **method):
     over = {f"method.{k}": v for k, v in method.items()}
-    cfg = quick_config("inforeg", epochs=1, **{"train.batch_size": 32, "train.seed": 3, **over})
+    cfg = quick_config("inforeg", epochs=1, **{"train.batch_size": 32, "train.seed": 3,
+                                                "model.absent_policy": absent_policy, **over})
     return Trainer(cfg, data=tiny_data(64, ("a", "v"), hidden=[8], dropout=0.0, missing=missing, batchnorm=bn,
                                        signal={"a": 2.0, "v": 0.2}))
 
@@ -199,10 +200,12 @@ def test_the_pull_reaches_any_modality():
         assert torch.allclose(got[n], expected[n], atol=1e-6), n
 
 
-def test_training_step_with_missing_modalities_equals_a_hand_written_reference():
+@pytest.mark.parametrize("absent_policy", ["input", "feature"])
+def test_training_step_with_missing_modalities_equals_a_hand_written_reference(absent_policy):
     """Absent samples are left out of each unimodal CE (a mean over the present ones) and of the
-    score sums, which are put on the fullest modality's scale before the gap."""
-    tr = _trainer(missing={"v": 0.5}, beta=0.7, unimodal_weight=1.0)
+    score sums, which are put on the fullest modality's scale before the gap; the forward
+    represents them by the model's absent policy (zero input or zero feature)."""
+    tr = _trainer(missing={"v": 0.5}, absent_policy=absent_policy, beta=0.7, unimodal_weight=1.0)
     batch = _batch(tr)
     pres = batch["present"]
     assert not pres["v"].all() and pres["a"].all()
@@ -321,6 +324,45 @@ def test_resume_state_round_trip_gives_the_same_next_epoch():
     ga, gb = capture_step_grads(a, batch), capture_step_grads(b, batch)
     assert all(torch.equal(ga[n], gb[n]) for n in ga)
     assert a.method.epoch_diagnostics() == b.method.epoch_diagnostics()
+
+
+def test_a_state_without_history_starts_the_traces_afresh():
+    """A checkpoint without the method's state (the engine passes {}): no history, so epoch 0's
+    rate is 1 (in the window) and the epoch's trace starts a new history."""
+    tr = _trainer(window=3)
+    tr.method.load_state_dict({})
+    assert tr.method.history == {}
+    tr.method.on_epoch_start(0)
+    assert tr.method.epoch_diagnostics()["window_a"] == 1.0
+    tr.model.train()
+    tr.method.training_step(_batch(tr))
+    tr.method.on_epoch_end(0)
+    assert [len(tr.method.history[m]) for m in ("a", "v")] == [1, 1] and tr.method.history["a"][0] > 0
+
+
+def test_score_diagnostics_are_mean_true_class_probabilities_over_present_samples():
+    """score_v averages the steps where v is present: a batch without v leaves it unchanged
+    (no 0/0), and a batch with a single v sample counts."""
+    tr = _trainer(missing={"v": 0.5}, beta=0.0)
+    batch = _batch(tr)
+    pres_v = batch["present"]["v"]
+    sel = torch.cat([torch.nonzero(pres_v).view(-1)[:1], torch.nonzero(~pres_v).view(-1)])
+    one_v = {k: ({m: t[sel] for m, t in v.items()} if isinstance(v, dict) else v[sel]) for k, v in batch.items()}
+    no_v = {k: ({m: t[sel[1:]] for m, t in v.items()} if isinstance(v, dict) else v[sel[1:]]) for k, v in batch.items()}
+    tr.method.on_epoch_start(0)
+    tr.model.train()
+    expected = {}
+    for b in (one_v, no_v):
+        with torch.no_grad():
+            zm = tr.model(b["inputs"], b["present"]).unimodal_logits
+        p_y = {m: zm[m].softmax(1).gather(1, b["label"].view(-1, 1)).view(-1) for m in ("a", "v")}
+        expected.setdefault("a", []).append(float(p_y["a"].mean()))
+        if b is one_v:
+            expected["v"] = float(p_y["v"][0])
+        tr.method.training_step(b)
+    d = tr.method.epoch_diagnostics()
+    assert d["score_v"] == pytest.approx(expected["v"], rel=1e-5)
+    assert d["score_a"] == pytest.approx(sum(expected["a"]) / 2, rel=1e-5)
 
 
 def test_fit_three_modalities_missing_data_and_gated():

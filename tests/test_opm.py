@@ -69,6 +69,9 @@ def test_counts_compare_mean_scores_and_absent_modalities_take_no_part():
     assert q.tolist() == [0.0, 0.0]
     q, rho = opm_drop_probabilities(torch.tensor([6.0, 1.0, 0.0]), 0.5, 0.5, counts=torch.tensor([2.0, 2.0, 0.0]))
     assert rho.tolist() == pytest.approx([6.0, 1 / 6, 0.0]) and q[2] == 0.0
+    # a modality present in a single sample takes part: means 0.9 and 0.5
+    q, rho = opm_drop_probabilities(torch.tensor([0.9, 1.0]), 0.5, 0.5, counts=torch.tensor([1.0, 2.0]))
+    assert rho.tolist() == pytest.approx([1.8, 1 / 1.8]) and q.tolist() == pytest.approx([0.5 * (1 + 0.5 * math.tanh(0.8)), 0.0])
 
 
 def test_scores_are_sums_over_present_samples():
@@ -77,6 +80,8 @@ def test_scores_are_sums_over_present_samples():
     y = torch.tensor([0, 1, 1])
     s = opm_scores([za, zv], y, [torch.tensor([True, True, False]), None])
     assert s.tolist() == pytest.approx([1.25, 1.8])
+    # no masks given: every sample counts
+    assert opm_scores([za, zv], y).tolist() == pytest.approx([1.25 + 1 / (1 + math.exp(5.0)), 1.8])
 
 
 def test_keep_masks_and_draws():
@@ -99,6 +104,7 @@ def test_rescale_factors():
     assert opm_rescale(q, [4, 12], "concat").tolist() == pytest.approx([1 / (1 - theta)] * 2)
     assert opm_rescale(q, [4, 12], "per_modality").tolist() == pytest.approx([2.0, 1.0])
     assert opm_rescale(q, [4, 12], "none").tolist() == [1.0, 1.0]
+    assert torch.equal(opm_rescale(q, [4, 12]), opm_rescale(q, [4, 12], "concat"))  # the public code's by default
     with pytest.raises(ConfigError):
         opm_rescale(q, [4, 12], "both")
 
@@ -113,10 +119,11 @@ def test_options_are_validated():
 
 
 # ----------------------------------------------------------------------------- training step
-def _trainer(missing=0.0, **method):
+def _trainer(missing=0.0, absent_policy="input", **method):
     over = {f"method.{k}": v for k, v in method.items()}
     cfg = quick_config("opm", epochs=1, **{"train.batch_size": 32, "train.seed": 3, "optim.momentum": 0.0,
-                                            "optim.weight_decay": 0.0, "method.modulation_start": 0, **over})
+                                            "optim.weight_decay": 0.0, "method.modulation_start": 0,
+                                            "model.absent_policy": absent_policy, **over})
     return Trainer(cfg, data=tiny_data(64, ("a", "v"), hidden=[8], dropout=0.0, missing=missing,
                                        signal={"a": 2.0, "v": 0.2}))
 
@@ -132,7 +139,10 @@ def _reference(tr, batch, q_base, lam, p_exe, rescale="concat", step=None):
     model = copy.deepcopy(tr.model)
     mods = ["a", "v"]
     y, pres = batch["label"], batch["present"]
-    feats = {m: model.encoders[m](batch["inputs"][m] * pres[m].view(-1, 1).float()) for m in mods}
+    if model.absent_policy == "input":  # absent inputs zeroed before the encoder
+        feats = {m: model.encoders[m](batch["inputs"][m] * pres[m].view(-1, 1).float()) for m in mods}
+    else:  # absent features zeroed before every fusion
+        feats = {m: model.encoders[m](batch["inputs"][m]) for m in mods}
     out = model.fuse(feats, pres)
     s = [float((F.softmax(out.unimodal_logits[m].detach(), 1).gather(1, y[:, None]).squeeze(1) * pres[m]).sum())
          / float(pres[m].sum()) for m in mods]
@@ -177,10 +187,12 @@ def test_training_step_equals_a_hand_written_reference(rescale):
     assert d["executed"] == 1.0 and d[f"dropped_{dom}"] == pytest.approx(float((~info["keep"][dom]).float().mean()))
 
 
-def test_training_step_with_missing_modalities_compares_mean_scores():
+@pytest.mark.parametrize("absent_policy", ["input", "feature"])
+def test_training_step_with_missing_modalities_compares_mean_scores(absent_policy):
     """v absent from half the samples: the ratio compares the mean true-class probabilities over
-    each modality's present samples (a sum would count v's absent samples as zeros)."""
-    tr = _trainer(missing={"v": 0.5}, q_base=0.6, lam=0.5, p_exe=1.0)
+    each modality's present samples (a sum would count v's absent samples as zeros). With the
+    ``feature`` policy the fusion of the modulated features zeroes the absent features too."""
+    tr = _trainer(missing={"v": 0.5}, absent_policy=absent_policy, q_base=0.6, lam=0.5, p_exe=1.0)
     batch = _batch(tr)
     assert not batch["present"]["v"].all() and batch["present"]["a"].all()
     tr.global_step = 2
@@ -278,6 +290,51 @@ def test_samples_without_a_kept_feature_are_removed(monkeypatch):
     assert all(torch.equal(before[n], p) for n, p in tr.model.named_parameters())
 
 
+def test_a_single_kept_sample_still_updates(monkeypatch):
+    """q = (0, 1) on a one-sample batch: its v feature is dropped (dropped_v = 1 of 1), a is kept
+    and rescaled, and the step is CE on that one sample (one kept sample is enough to update)."""
+    monkeypatch.setattr(opm_module, "opm_drop_probabilities",
+                        lambda s, qb, lam, counts=None: (torch.tensor([0.0, 1.0]), torch.tensor([0.5, 2.0])))
+    tr = _trainer(p_exe=1.0)
+    batch = _batch(tr)
+    one = {k: ({m: t[:1] for m, t in v.items()} if isinstance(v, dict) else v[:1]) for k, v in batch.items()}
+    tr.model.train()
+    model = copy.deepcopy(tr.model)
+    h_a = model.encoders["a"](one["inputs"]["a"])
+    out = model.fuse({"a": 2.0 * h_a, "v": torch.zeros(1, 8)}, one["present"])  # concat: 1/(1 - 8/16)
+    F.cross_entropy(out.logits, one["label"]).backward()
+    got = capture_step_grads(tr, one)
+    for n, p in model.named_parameters():
+        expected = p.grad if p.grad is not None else torch.zeros_like(p)
+        assert torch.allclose(got.get(n, torch.zeros_like(p)), expected, atol=1e-6), n
+    d = tr.method.epoch_diagnostics()
+    assert d["dropped_v"] == 1.0 and d["dropped_a"] == 0.0 and d["removed"] == 0.0
+
+
+def test_score_diagnostics_are_mean_true_class_probabilities_over_present_samples():
+    """score_v averages the steps where v is present: a batch without v leaves it unchanged
+    (no 0/0), and a batch with a single v sample counts."""
+    tr = _trainer(missing={"v": 0.5}, p_exe=0.0)
+    batch = _batch(tr)
+    pres_v = batch["present"]["v"]
+    sel = torch.cat([torch.nonzero(pres_v).view(-1)[:1], torch.nonzero(~pres_v).view(-1)])
+    one_v = {k: ({m: t[sel] for m, t in v.items()} if isinstance(v, dict) else v[sel]) for k, v in batch.items()}
+    no_v = {k: ({m: t[sel[1:]] for m, t in v.items()} if isinstance(v, dict) else v[sel[1:]]) for k, v in batch.items()}
+    tr.model.train()
+    expected = {}
+    for b in (one_v, no_v):
+        with torch.no_grad():
+            zm = tr.model(b["inputs"], b["present"]).unimodal_logits
+        p_y = {m: zm[m].softmax(1).gather(1, b["label"].view(-1, 1)).view(-1) for m in ("a", "v")}
+        expected.setdefault("a", []).append(float(p_y["a"].mean()))
+        if b is one_v:
+            expected["v"] = float(p_y["v"][0])
+        tr.method.training_step(b)
+    d = tr.method.epoch_diagnostics()
+    assert d["score_v"] == pytest.approx(expected["v"], rel=1e-5)
+    assert d["score_a"] == pytest.approx(sum(expected["a"]) / 2, rel=1e-5)
+
+
 def test_runs_with_three_modalities_missing_data_and_film():
     over = {"method.modulation_start": 0, "train.epochs": 2}
     res = Trainer(quick_config("opm", **over, **{"dataset.options": {"modalities": ["pix", "fou", "zer"]}})).fit()
@@ -351,6 +408,16 @@ def test_drop_probabilities_on_the_device_equal_the_plain_python_rule():
         (q, rho), n = count_synchronisations(lambda: opm_drop_probabilities(scores, q_base, lam, counts))
         want_q, want_rho = _host_q(scores, q_base, lam, counts)
         assert n == 0 and torch.equal(q, want_q) and torch.equal(rho, want_rho), (scores, counts)
+
+
+def test_the_rule_stays_on_the_scores_device():
+    """Every intermediate tensor lives on the scores' device (the meta device stands for an
+    accelerator here: a tensor made on the host would make the rule fail there)."""
+    for counts in (None, torch.tensor([2.0, 1.0, 0.0], device="meta")):
+        q, rho = opm_drop_probabilities(torch.tensor([3.0, 1.0, 2.0], device="meta"), 0.5, 0.5, counts)
+        assert q.device.type == rho.device.type == "meta" and q.shape == rho.shape == (3,)
+    for mode in ("concat", "per_modality", "none"):
+        assert opm_rescale(torch.tensor([0.5, 0.0], device="meta"), [4, 12], mode).device.type == "meta"
 
 
 def test_concat_rescale_on_the_device_equals_the_plain_python_factor():

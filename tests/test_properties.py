@@ -69,3 +69,30 @@ def test_ogm_coefficients_damp_only_the_dominant(scores, alpha, offset):
     for i in range(len(scores)):
         if float(rho[i]) <= 1.0:
             assert float(k[i]) == 1.0  # modalities not above the others' mean are never damped
+
+
+int_dtypes = st.sampled_from([torch.int64, torch.int32, torch.int16])
+
+
+@settings(max_examples=40, deadline=None)
+@given(games, int_dtypes)
+def test_shapley_of_an_integer_dtype_game_equals_the_float_game(v, dtype):
+    """A game given in any integer dtype has the Shapley values (and exact numerators) of the
+    same game in float64."""
+    M = int(math.log2(len(v)))
+    ref = shapley_values(torch.tensor(v, dtype=torch.float64))
+    phi = shapley_values(torch.tensor(v, dtype=dtype))
+    assert phi.dtype == torch.float64 and torch.allclose(phi, ref)
+    num = shapley_numerators(torch.tensor(v, dtype=dtype))
+    assert num.dtype == torch.int64 and torch.allclose(num.double() / math.factorial(M), ref)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 5).flatmap(lambda M: st.lists(st.booleans(), min_size=2 ** M, max_size=2 ** M)))
+def test_shapley_numerators_of_a_boolean_game(v):
+    """A 0/1 (simple) game given as bool, e.g. a correctness indicator."""
+    M = int(math.log2(len(v)))
+    num = shapley_numerators(torch.tensor(v))
+    assert torch.equal(num, shapley_numerators(torch.tensor(v, dtype=torch.int64)))
+    assert torch.allclose(num.double() / math.factorial(M), torch.tensor(brute_force([int(b) for b in v], M),
+                                                                          dtype=torch.float64))
