@@ -705,3 +705,140 @@ def test_config_errors():
         make_trainer(schedule="epochs", stage_epochs=[])
     with pytest.raises(ConfigError, match="--fusion sum"):
         make_trainer(overrides={"model.fusion": "sum"})
+
+
+# ---- found by mutation testing (docs/testing.md) ----------------------------------------------
+def test_the_fusion_option_reaches_the_heads_with_and_without_missing_modalities():
+    """rule average / entropy in the model's own combine, with a presence mask: a sample with one
+    modality present gets that modality's output (log-probability / logits), the other the
+    MLA entropy weighting of both; an empty gradient list has a zero perturbation."""
+    z = torch.tensor([[[4.0, 0.0, 0.0], [0.0, 0.1, 0.0]],
+                      [[0.0, 0.2, 0.0], [0.0, 0.0, 5.0]]])
+    mask = torch.tensor([[False, True], [True, True]])
+    ent = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    w = torch.softmax(-ent[:, 1], 0)  # sample 1: both present
+    want_ent = torch.stack([z[1, 0], w[0] * z[0, 1] + w[1] * z[1, 1]])
+    want_avg = torch.stack([z[1, 0].log_softmax(-1), z[:, 1].softmax(-1).mean(0).log()])
+    assert torch.allclose(entropy_fusion(z, mask), want_ent, atol=1e-6)
+    for rule, want in (("average", want_avg), ("entropy", want_ent)):
+        tr = tiny_trainer(fusion=rule)
+        assert tr.model.fusion.rule == rule
+        zm = {"a": z[0], "b": z[1]}
+        assert torch.allclose(tr.model.fusion.combine(zm, mask), want, atol=1e-5), rule
+        full = want_avg[1] if rule == "average" else want_ent[1]
+        assert torch.allclose(tr.model.fusion.combine(zm)[1], full, atol=1e-5), rule
+    eps, norm = sam_perturbation([], 0.5)
+    assert eps == [] and float(norm) == 0.0
+
+
+def test_official_variant_loss_is_the_mixup_sum_plus_the_weighted_clean_sum():
+    """Official variant: (1 - w) [lam CE(mix, y) + (1 - lam) CE(mix, y_perm)] + w CE(mix, y),
+    every term a sum over the rows (the step divides by the global count)."""
+    tr = tiny_trainer(variant="official", clean_weight=0.3)
+    batch = batches(tr)[0]
+    x, y = batch["inputs"]["a"], batch["label"]
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
+    lam = 0.7
+    logits = tr.model.fusion.heads["a"](tr.model.encode("a", lam * x + (1 - lam) * x[perm]))
+    ce = lambda t: F.cross_entropy(logits, t, reduction="sum")  # noqa: E731
+    want = 0.7 * (lam * ce(y) + (1 - lam) * ce(y[perm])) + 0.3 * ce(y)
+    got = tr.method._loss_sum("a", x, y, (lam, perm))
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+
+
+def test_step_reports_the_mean_loss_and_its_sam_diagnostics():
+    """schedule epochs, a's stage: the step returns and logs the mean CE over the present samples
+    of a (all 16; then a single one), sam_eps = rho for a nonzero gradient (here of norm < 1) and
+    sam_loss_rise = L(theta + eps) - L(theta) by hand; sam_gm_step called without the counts
+    reads them itself and gives the same step."""
+    rho = 0.05
+
+    def reference(model, x, y):
+        ref = copy.deepcopy(model)
+        params = [p for n, p in ref.named_parameters() if n.startswith(("encoders.a.", "fusion.heads.a."))]
+        loss = unimodal_loss(ref, "a", x, y)
+        g = torch.autograd.grad(loss, params)
+        gn = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+        with torch.no_grad():
+            for p, gi in zip(params, g):
+                p.add_(rho * gi / gn)
+            return float(loss), float(gn), float(unimodal_loss(ref, "a", x, y) - loss)
+
+    tr, tr2 = tiny_trainer(rho=rho, gm=False, schedule="epochs"), tiny_trainer(rho=rho, gm=False, schedule="epochs")
+    tr2.model.load_state_dict(tr.model.state_dict())
+    batch = batches(tr)[0]
+    assert bool(batch["present"]["a"].all())
+    loss, gn, rise = reference(tr.model, batch["inputs"]["a"], batch["label"])
+    assert 0 < gn < 1
+    out = tr.method.training_step(batch)
+    assert float(out["loss"]) == pytest.approx(loss, rel=1e-5)
+    d = tr.method.epoch_diagnostics()
+    assert d["loss/a"] == pytest.approx(loss, rel=1e-5)
+    assert d["sam_eps/a"] == pytest.approx(rho) and d["sam_grad_norm/a"] == pytest.approx(gn, rel=1e-4)
+    assert d["sam_loss_rise/a"] == pytest.approx(rise, rel=1e-3, abs=1e-9)
+    # one present sample
+    one = copy.deepcopy(batch)
+    one["present"]["a"] = torch.zeros_like(one["present"]["a"])
+    one["present"]["a"][3] = True
+    loss, gn, rise = reference(tr2.model, batch["inputs"]["a"][3:4], batch["label"][3:4])
+    tr3 = copy.deepcopy(tr2.model.state_dict())
+    assert float(tr2.method.training_step(one)["loss"]) == pytest.approx(loss, rel=1e-5)
+    d = tr2.method.epoch_diagnostics()
+    assert d["sam_eps/a"] == pytest.approx(rho) and d["sam_loss_rise/a"] == pytest.approx(rise, rel=1e-3, abs=1e-9)
+    direct = tiny_trainer(rho=rho, gm=False, schedule="epochs")
+    direct.model.load_state_dict(tr3)
+    assert float(direct.method.sam_gm_step("a", one)) == pytest.approx(loss, rel=1e-5)
+    for p, q in zip(tr2.model.parameters(), direct.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-7)
+
+
+def test_short_schedule_warns_about_the_untrained_modality(caplog):
+    """schedule epochs, one epoch per stage, two modalities: 1 epoch leaves b untrained (a
+    warning naming it and the stage count), 2 epochs train both (no warning). With ``batch``
+    the modality before the first (the default) is the last."""
+    import logging
+    with caplog.at_level(logging.WARNING, logger="mmbalance"):
+        tiny_trainer(schedule="epochs", epochs=2)
+    assert not [r for r in caplog.records if "never trained" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mmbalance"):
+        tiny_trainer(schedule="epochs", epochs=1)
+    msgs = [r.getMessage() for r in caplog.records if "never trained" in r.getMessage()]
+    assert len(msgs) == 1 and "has 1 stage(s); modality b is never trained" in msgs[0]
+    assert tiny_trainer(schedule="batch").method.previous_modality() == "b"
+
+
+def test_predict_with_a_missing_modality_ignores_its_input():
+    """predict with a absent on some samples: fused logits are b's log-probabilities there, the
+    unimodal logits are the networks' own, and nothing depends on what the absent rows hold."""
+    tr = tiny_trainer(missing={"a": 0.5})
+    tr.model.eval()
+    batch = batches(tr)[0]
+    absent = ~batch["present"]["a"]
+    assert 0 < int(absent.sum()) < 16
+    with torch.no_grad():
+        out = tr.method.predict(batch)
+        junk = copy.deepcopy(batch)
+        junk["inputs"]["a"][absent] = 1e3 * torch.randn_like(junk["inputs"]["a"][absent])
+        out2 = tr.method.predict(junk)
+        zb = tr.model.fusion.heads["b"](tr.model.encode("b", batch["inputs"]["b"]))
+    assert out.unimodal_logits["b"].shape == zb.shape
+    assert torch.allclose(out.logits[absent], zb[absent].log_softmax(-1), atol=1e-5)
+    assert torch.allclose(out.unimodal_logits["b"], zb, atol=1e-5)
+    assert torch.allclose(out.logits, out2.logits, atol=1e-5)
+    for m in ("a", "b"):
+        assert out.unimodal_logits[m].shape == zb.shape
+        assert torch.allclose(out.unimodal_logits[m], out2.unimodal_logits[m], atol=1e-5), m
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rng_state_on_cuda_replays_the_device_generator():
+    """The SAM second pass replays the dropout mask on a GPU too: the saved state is the CUDA
+    generator's of the trainer's device, and restoring it replays the same draw."""
+    from mmbalance.methods.mie import _rng_state, _set_rng_state
+    dev = torch.device("cuda")
+    state = _rng_state(dev)
+    assert torch.equal(state[1], torch.cuda.get_rng_state(dev))
+    a = torch.rand(5, device=dev)
+    _set_rng_state(state, dev)
+    assert torch.equal(torch.rand(5, device=dev), a)

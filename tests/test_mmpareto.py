@@ -62,6 +62,34 @@ def test_gram_equals_dot_products_of_the_concatenated_vectors_none_is_zero():
     assert float(g22) == pytest.approx(float(vb @ vb))
 
 
+def test_min_norm_weight_is_float64_and_scale_invariant():
+    """The weight is computed in float64 even from Python floats (nearly equal gradients
+    g1 = (1, 0), g2 = (1, 1e-5): the shortest point is g1, a = 1; in float32 ||g1 - g2||^2
+    rounds to 0 and the weight would fall back to 1/2), and it does not depend on the
+    gradients' scale (tiny or huge gradients are not taken for equal ones)."""
+    a = min_norm_weight(1.0, 1.0, 1.0 + 1e-10)
+    assert a.dtype == torch.float64 and float(a) == 1.0
+    for g11, g12, g22 in ((1.0, -1.0, 4.0), (1.0, 0.3, 2.0), (2.0, -0.5, 0.7)):
+        want = float(min_norm_weight(g11, g12, g22))
+        for k in (1e-40, 1e-20, 1e20):
+            assert float(min_norm_weight(k * g11, k * g12, k * g22)) == pytest.approx(want, rel=1e-12), (k, g11)
+
+
+def test_gram_stays_on_the_gradients_device():
+    a, b = [torch.ones(3, device="meta")], [None]
+    assert all(t.device.type == "meta" for t in gram(a, b))
+
+
+def test_combine_treats_none_as_a_zero_gradient():
+    from mmbalance.methods.mmpareto import _combine
+
+    a, b = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 4.0])
+    assert torch.equal(_combine(a, b, 2.0, 3.0), 2.0 * a + 3.0 * b)
+    assert torch.equal(_combine(None, b, 2.0, 3.0), 3.0 * b)
+    assert torch.equal(_combine(a, None, 2.0, 3.0), 2.0 * a)
+    assert _combine(None, None, 2.0, 3.0) is None
+
+
 def test_integration_by_hand_conflict():
     # g1 = (1, 0), g2 = (-1, 1): cos = -1/sqrt 2, a = (2 + 1) / (1 + 2 + 2) = 3/5,
     # h = 2 (0.2, 0.4) = (0.4, 0.8), ||g1 + g2|| = 1, final = 1.5 / sqrt(0.8) * (0.4, 0.8)
@@ -132,6 +160,11 @@ def _losses(model, batch):
     return out, l_mm, l_u
 
 
+def _hand_cos(v1, v2):
+    n2 = float(v1 @ v1) * float(v2 @ v2)
+    return float(v1 @ v2) / math.sqrt(n2) if n2 > 0 else 0.0
+
+
 def _hand_coefficients(v1, v2, gamma, scope):
     """(c_mm, c_uni, conflict, alpha) by the closed forms, on flat float64 vectors."""
     cos = float(v1 @ v2) / math.sqrt(float(v1 @ v1) * float(v2 @ v2)) if float(v1 @ v1) * float(v2 @ v2) > 0 else 0.0
@@ -151,7 +184,7 @@ def _reference_parameters(tr, batch, gamma=1.5, scope="conflict", rescale="encod
     g_mm = torch.autograd.grad(l_mm, params, retain_graph=True, allow_unused=True)
     g_u = torch.autograd.grad(l_u, params, allow_unused=True)
     z = lambda g, p: torch.zeros_like(p) if g is None else g  # noqa: E731
-    expected, conflicts = {}, {}
+    expected, conflicts, diags = {}, {}, {}
     for i, n in enumerate(names):
         if not n.startswith("encoders."):
             if g_mm[i] is not None or g_u[i] is not None:
@@ -162,6 +195,7 @@ def _reference_parameters(tr, batch, gamma=1.5, scope="conflict", rescale="encod
         v2 = torch.cat([z(g_u[i], params[i]).flatten() for i in idx]).double()
         c1, c2, conflict, a = _hand_coefficients(v1, v2, gamma, scope)
         conflicts[m] = conflict
+        diags[m] = {"cos": _hand_cos(v1, v2), "alpha": a}
         for i in idx:
             t1, t2 = z(g_mm[i], params[i]), z(g_u[i], params[i])
             if rescale == "encoder":
@@ -171,7 +205,9 @@ def _reference_parameters(tr, batch, gamma=1.5, scope="conflict", rescale="encod
                 r = float((t1 + t2).norm()) / float(h.norm()) if float(h.norm()) > 0 else 1.0
                 g = gamma if (conflict or scope == "always") else 1.0
                 expected[names[i]] = g * max(1.0, r) * h
-    return expected, conflicts
+        final = torch.cat([expected[names[i]].flatten() for i in idx]).double()
+        diags[m]["scale"] = float(final.norm()) / float((v1 + v2).norm())
+    return expected, conflicts, diags
 
 
 def _reference_features(tr, batch, gamma=1.5, scope="conflict"):
@@ -208,15 +244,17 @@ def test_training_step_equals_the_hand_written_reference(mods, fusion, missing, 
     for s in range(3):  # three consecutive steps (the reference recomputed from the moved weights)
         batch = _batch(tr, seed=s)
         tr.model.train()
-        expected, conflicts = _reference_parameters(tr, batch, opts.get("gamma", 1.5), opts.get("gamma_scope", "conflict"),
-                                                    opts.get("rescale", "encoder"))
+        expected, conflicts, diags = _reference_parameters(tr, batch, opts.get("gamma", 1.5),
+                                                           opts.get("gamma_scope", "conflict"), opts.get("rescale", "encoder"))
         got = capture_step_grads(tr, batch)
         assert set(got) == set(expected)
         for n in expected:
             assert torch.allclose(got[n], expected[n], atol=1e-6, rtol=1e-5), n
         logs = tr.method.epoch_diagnostics()
-        for m in mods:
+        for m in mods:  # the diagnostics are those of the reference step (scale: ||final|| / ||g_mm + g_uni||)
             assert logs[f"conflict_{m}"] == float(conflicts[m])
+            for k in ("cos", "alpha", "scale"):
+                assert logs[f"{k}_{m}"] == pytest.approx(diags[m][k], rel=1e-4, abs=1e-6), (k, m)
 
 
 def test_both_branches_are_exercised_by_the_reference_cases():
@@ -227,6 +265,19 @@ def test_both_branches_are_exercised_by_the_reference_cases():
             seen |= set(_reference_parameters(tr, _batch(tr, seed=s))[1].values())
             capture_step_grads(tr, _batch(tr, seed=s))
     assert seen == {True, False}
+
+
+@pytest.mark.parametrize("space", ["parameters", "features"])
+def test_step_reports_the_sum_of_its_losses(space):
+    tr = _trainer(gradient_space=space)
+    batch = _batch(tr)
+    tr.model.train()
+    with torch.no_grad():
+        _, l_mm, l_u = _losses(tr.model, batch)
+    out = tr.method.training_step(batch)
+    assert float(out["loss"]) == pytest.approx(float(l_mm + l_u), rel=1e-5)
+    logs = tr.method.epoch_diagnostics()
+    assert logs["loss_mm"] == pytest.approx(float(l_mm), rel=1e-5)
 
 
 def test_gradients_reach_each_head_from_its_own_loss_only():
@@ -250,9 +301,12 @@ def test_gradients_reach_each_head_from_its_own_loss_only():
         assert torch.allclose(got[n], g_u[n], atol=1e-7), n
 
 
-@pytest.mark.parametrize("missing,opts", [(0.0, {}), (0.4, {"gamma_scope": "always", "gamma": 1.2})])
-def test_feature_space_step_equals_its_reference(missing, opts):
-    tr = _trainer(missing=missing, gradient_space="features", **opts)
+@pytest.mark.parametrize("missing,seed,opts", [(0.0, 0, {}), (0.4, 0, {"gamma_scope": "always", "gamma": 1.2}),
+                                               (0.0, 1, {"gamma": 1.3}), (0.4, 2, {})])
+def test_feature_space_step_equals_its_reference(missing, seed, opts):
+    """Seeds 1 and 2 give conflicting feature gradients (the MGDA branch), seed 0 none."""
+    tr = _trainer(missing=missing, seed=seed, gradient_space="features", **opts)
+    seen = set()
     for s in range(2):
         batch = _batch(tr, seed=s)
         tr.model.train()
@@ -263,6 +317,8 @@ def test_feature_space_step_equals_its_reference(missing, opts):
             assert torch.allclose(got[n], expected[n], atol=1e-6, rtol=1e-5), n
         logs = tr.method.epoch_diagnostics()
         assert all(logs[f"conflict_{m}"] == float(c) for m, c in conflicts.items())
+        seen |= set(conflicts.values())
+    assert (True in seen) == (seed > 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -285,3 +285,31 @@ def test_device_coefficient_modulates_as_the_float_rule_without_reading_it_back(
         p.grad = t.clone()
     ogm_modulate_(params, k, ge=False)
     assert all(torch.equal(p.grad, t * float(k)) for p, t in zip(params, grads))
+
+
+# ---------------------------------------------------------------------------------------------
+# found by mutation testing (docs/testing.md)
+def test_coefficients_depend_only_on_the_ratio_of_the_scores():
+    """Scores below 1 (a small batch, many classes): the same rho and k as the scores x 10."""
+    for s in ([0.2, 0.3], [0.05, 0.01], [0.6, 0.2, 0.4]):
+        k, rho = ogm_coefficients(torch.tensor(s), 0.8)
+        k10, rho10 = ogm_coefficients(10 * torch.tensor(s), 0.8)
+        assert torch.allclose(rho, rho10, rtol=1e-6) and torch.allclose(k, k10, rtol=1e-6), s
+    k, rho = ogm_coefficients(torch.tensor([0.2, 0.3]), 0.8)
+    assert torch.allclose(rho, torch.tensor([2 / 3, 1.5]))
+    assert math.isclose(float(k[1]), 1 - math.tanh(0.8 * 1.5), rel_tol=1e-6)
+
+
+def test_step_reports_its_loss_and_the_batch_mean_scores():
+    tr = _trainer()
+    batch = _batch(tr)
+    tr.model.train()
+    y = batch["label"]
+    with torch.no_grad():
+        out = tr.model(batch["inputs"])
+        loss = float(F.cross_entropy(out.logits, y))
+        mean_p = {m: float(F.softmax(out.unimodal_logits[m], 1).gather(1, y[:, None]).mean()) for m in ("a", "v")}
+    res = tr.method.training_step(batch)
+    assert float(res["loss"]) == pytest.approx(loss, rel=1e-5)
+    d = tr.method.epoch_diagnostics()
+    assert [d["score_a"], d["score_v"]] == pytest.approx([mean_p["a"], mean_p["v"]], rel=1e-5)

@@ -321,3 +321,56 @@ def test_absent_samples_take_no_part_in_the_prototype_terms():
     assert math.isfinite(float(stats["loss"])) and all(math.isfinite(v) for v in diag.values())
     assert "pce_v" not in diag and "proto_acc_v" not in diag and "pce_a" in diag
     assert diag["weak_v"] == 0.0 and "rho" not in diag  # v got no PCE; s_v = 0: no ratio
+
+
+def test_a_weaker_modality_with_a_single_present_sample_gets_its_pce():
+    """v present in one sample only: its score (one softmax probability, below 1) is the lower,
+    so its PCE is that one sample's CE (weight alpha), and rho = s_a / s_v is still logged."""
+    tr = Trainer(_cfg(**{"train.batch_size": 32, "train.seed": 5, "method.alpha": 0.8}),
+                 data=tiny_data(64, ("a", "v"), hidden=[8], dropout=0.0, signal={"a": 2.0, "v": 0.3}))
+    tr.method.on_epoch_start(0)
+    batch = next(iter(tr.loader(tr.data.train, batch_size=32, shuffle=True, seed=1)))
+    one = torch.zeros_like(batch["present"]["v"])
+    one[3] = True
+    pres = {"a": torch.ones_like(one), "v": one}
+    batch = {**batch, "present": pres}
+    y = batch["label"]
+    tr.model.train()
+    ref = copy.deepcopy(tr.model)
+    out = ref(batch["inputs"], pres)
+    d = {m: prototype_logits(out.features[m][pres[m]], tr.method.prototypes[m]) for m in ("a", "v")}
+    s = [float(F.softmax(d[m].detach(), 1).gather(1, y[pres[m]][:, None]).sum()) for m in ("a", "v")]
+    assert s[1] < 1.0 < s[0]
+    (F.cross_entropy(out.logits, y) + 0.8 * F.cross_entropy(d["v"], y[pres["v"]])).backward()
+    got = capture_step_grads(tr, batch)
+    for n, p in ref.named_parameters():
+        assert torch.allclose(got[n], p.grad, atol=1e-6), n
+    diag = tr.method.epoch_diagnostics()
+    assert diag["weak_v"] == 1.0 and diag["rho"] == pytest.approx(s[0] / s[1], rel=1e-5)
+
+
+def test_defaults_are_the_crema_d_bash_setting():
+    from mmbalance.methods import create_method
+
+    hp = create_method("pmr").hparams()
+    assert (hp["alpha"], hp["mu"], hp["proto_fraction"]) == (2.0, 0.0, 0.1)
+    assert (hp["modulation_start"], hp["modulation_end"]) == (0, 70)
+
+
+def test_loaded_prototypes_go_to_the_trainers_device():
+    """Resume on an accelerator: the restored prototypes are put on the trainer's device (here
+    the meta device stands in for it); without a trainer they stay on the CPU; a state without
+    prototypes restores none."""
+    from types import SimpleNamespace
+
+    from mmbalance.methods import create_method
+
+    state = {"prototypes": {"a": torch.randn(3, 4), "v": torch.randn(3, 5)}}
+    m = create_method("pmr")
+    m.load_state_dict(state)
+    assert all(p.device.type == "cpu" for p in m.prototypes.values())
+    m.trainer = SimpleNamespace(device=torch.device("meta"))
+    m.load_state_dict(state)
+    assert set(m.prototypes) == {"a", "v"} and all(p.device.type == "meta" for p in m.prototypes.values())
+    m.load_state_dict({})
+    assert m.prototypes == {}
