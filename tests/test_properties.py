@@ -66,8 +66,10 @@ def test_ogm_coefficients_damp_only_the_dominant(scores, alpha, offset):
     s = torch.tensor(scores, dtype=torch.float64)
     k, rho = ogm_coefficients(s, alpha, ratio_offset=offset)
     assert torch.all(k <= 1.0 + 1e-12) and torch.all(k > -1.0)
+    ratio = s / ((s.sum() - s) / (len(scores) - 1))  # in float64, as the rule decides (rho is float32)
+    assert torch.allclose(rho.double(), ratio, rtol=1e-6)
     for i in range(len(scores)):
-        if float(rho[i]) <= 1.0:
+        if float(ratio[i]) <= 1.0:
             assert float(k[i]) == 1.0  # modalities not above the others' mean are never damped
 
 
