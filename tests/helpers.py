@@ -4,6 +4,8 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import pytest
+import torch
 
 from mmbalance.config import RunConfig, load_config
 from mmbalance.data.base import ArrayDataset, DataSplits
@@ -68,3 +70,29 @@ def capture_step_grads(trainer, batch) -> dict:
     finally:
         trainer.optimizer_step = orig
     return captured
+
+
+def assert_score_diagnostics_skip_absent_steps(tr, batch, modality: str = "v", other: str = "a") -> None:
+    """``score_<m>`` (the batch-mean probability of the true class from z_m) averages only the
+    steps where m is present: one step on a batch with a single ``modality`` sample, one on a
+    batch without it (no 0/0), checked against the model's own probabilities before each step."""
+    pres = batch["present"][modality]
+    sel = torch.cat([torch.nonzero(pres).view(-1)[:1], torch.nonzero(~pres).view(-1)])
+
+    def rows(idx):
+        return {k: ({m: t[idx] for m, t in v.items()} if isinstance(v, dict) else v[idx]) for k, v in batch.items()}
+
+    one, none = rows(sel), rows(sel[1:])
+    tr.model.train()
+    expected = {other: []}
+    for b in (one, none):
+        with torch.no_grad():
+            zm = tr.model(b["inputs"], b["present"]).unimodal_logits
+        p_y = {m: zm[m].softmax(1).gather(1, b["label"].view(-1, 1)).view(-1) for m in (modality, other)}
+        expected[other].append(float(p_y[other].mean()))
+        if b is one:
+            expected[modality] = float(p_y[modality][0])
+        tr.method.training_step(b)
+    d = tr.method.epoch_diagnostics()
+    assert d[f"score_{modality}"] == pytest.approx(expected[modality], rel=1e-5)
+    assert d[f"score_{other}"] == pytest.approx(sum(expected[other]) / 2, rel=1e-5)

@@ -15,7 +15,7 @@ from mmbalance.methods.inforeg import (fisher_trace, inforeg_betas, prime_window
                                        trace_parameters)
 from mmbalance.registry import ConfigError
 
-from helpers import capture_step_grads, quick_config, tiny_data
+from helpers import assert_score_diagnostics_skip_absent_steps, capture_step_grads, quick_config, tiny_data
 from simulated_ranks import run_two_ranks, shard_batch
 
 
@@ -345,24 +345,8 @@ def test_score_diagnostics_are_mean_true_class_probabilities_over_present_sample
     (no 0/0), and a batch with a single v sample counts."""
     tr = _trainer(missing={"v": 0.5}, beta=0.0)
     batch = _batch(tr)
-    pres_v = batch["present"]["v"]
-    sel = torch.cat([torch.nonzero(pres_v).view(-1)[:1], torch.nonzero(~pres_v).view(-1)])
-    one_v = {k: ({m: t[sel] for m, t in v.items()} if isinstance(v, dict) else v[sel]) for k, v in batch.items()}
-    no_v = {k: ({m: t[sel[1:]] for m, t in v.items()} if isinstance(v, dict) else v[sel[1:]]) for k, v in batch.items()}
     tr.method.on_epoch_start(0)
-    tr.model.train()
-    expected = {}
-    for b in (one_v, no_v):
-        with torch.no_grad():
-            zm = tr.model(b["inputs"], b["present"]).unimodal_logits
-        p_y = {m: zm[m].softmax(1).gather(1, b["label"].view(-1, 1)).view(-1) for m in ("a", "v")}
-        expected.setdefault("a", []).append(float(p_y["a"].mean()))
-        if b is one_v:
-            expected["v"] = float(p_y["v"][0])
-        tr.method.training_step(b)
-    d = tr.method.epoch_diagnostics()
-    assert d["score_v"] == pytest.approx(expected["v"], rel=1e-5)
-    assert d["score_a"] == pytest.approx(sum(expected["a"]) / 2, rel=1e-5)
+    assert_score_diagnostics_skip_absent_steps(tr, batch)
 
 
 def test_fit_three_modalities_missing_data_and_gated():
