@@ -16,7 +16,7 @@ export OMP_NUM_THREADS=1
 # the tests that exercise each module directly (the slow CLI and two-process suites are left out)
 declare -A TESTS=([metrics]="tests/test_evaluation.py" [probe]="tests/test_evaluation.py"
                   [shapley]="tests/test_valuation.py tests/test_contribution_fast.py tests/test_properties.py" [contribution]="tests/test_valuation.py tests/test_contribution_fast.py"
-                  [valuation]="tests/test_valuation.py" [base]="tests/test_joint.py tests/test_arl.py"
+                  [valuation]="tests/test_valuation.py" [base]="tests/test_joint.py tests/test_arl.py tests/test_precision.py"
                   [joint]="tests/test_joint.py" [unimodal]="tests/test_joint.py"
                   [_grad]="tests/test_agm.py tests/test_grad_scale.py" [imbalance]="tests/test_analyze.py")
 mods=("$@")

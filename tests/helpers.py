@@ -54,8 +54,9 @@ def tiny_data(n: int = 48, mods: Sequence[str] = ("a", "b"), n_eval: int = 12, s
                       encoder_options={m: dict(encoder_options) for m in mods})
 
 
-def capture_step_grads(trainer, batch) -> dict:
-    """Run one ``training_step`` and return every parameter's gradient as the optimizer sees it."""
+def capture_step_grads(trainer, batch, outputs: dict | None = None) -> dict:
+    """Run one ``training_step`` and return every parameter's gradient as the optimizer sees it
+    (the step's own returned dict goes into ``outputs`` when given)."""
     model = trainer.model
     captured: dict = {}
     orig = trainer.optimizer_step
@@ -66,9 +67,11 @@ def capture_step_grads(trainer, batch) -> dict:
 
     trainer.optimizer_step = capture
     try:
-        trainer.method.training_step(batch)
+        out = trainer.method.training_step(batch)
     finally:
         trainer.optimizer_step = orig
+    if outputs is not None:
+        outputs.update(out)
     return captured
 
 
@@ -96,3 +99,25 @@ def assert_score_diagnostics_skip_absent_steps(tr, batch, modality: str = "v", o
     d = tr.method.epoch_diagnostics()
     assert d[f"score_{modality}"] == pytest.approx(expected[modality], rel=1e-5)
     assert d[f"score_{other}"] == pytest.approx(sum(expected[other]) / 2, rel=1e-5)
+
+
+def assert_step_ignores_absent_inputs(make_trainer, batch) -> None:
+    """An invariant of every training step: what an absent modality's input holds cannot matter
+    (the data contract zeroes it, but a step must not rely on that). Two identical trainers
+    (``make_trainer()``; encoders without BatchNorm, whose batch statistics would see the rows)
+    take one step, one on ``batch`` and one on a copy whose absent rows hold noise: the
+    gradients must be the same."""
+    g = torch.Generator().manual_seed(0)
+    noisy = {**batch, "inputs": dict(batch["inputs"])}
+    for m, x in batch["inputs"].items():
+        absent = ~batch["present"][m].view(-1, *([1] * (x.dim() - 1)))
+        noisy["inputs"][m] = torch.where(absent, torch.randn(x.shape, generator=g) * 5.0, x)
+    assert any(not bool(p.all()) for p in batch["present"].values()), "the batch needs an absent modality"
+    grads = []
+    for b in (batch, noisy):
+        tr = make_trainer()
+        tr.model.train()
+        grads.append(capture_step_grads(tr, b))
+    assert set(grads[0]) == set(grads[1])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)

@@ -248,10 +248,13 @@ def test_training_step_is_plain_joint_training():
     batch = next(iter(tr.loader(tr.data.train, batch_size=16, shuffle=True, seed=1)))
     tr.model.train()
     plain = copy.deepcopy(tr.model)
-    F.cross_entropy(plain(batch["inputs"]).logits, batch["label"]).backward()
-    got = capture_step_grads(tr, batch)
+    loss = F.cross_entropy(plain(batch["inputs"]).logits, batch["label"])
+    loss.backward()
+    out = {}
+    got = capture_step_grads(tr, batch, out)
     for n, p in plain.named_parameters():
         assert torch.allclose(got[n], p.grad, atol=1e-6), n
+    assert float(out["loss"]) == pytest.approx(float(loss), rel=1e-5)  # the loss the engine logs
 
 
 def test_fit_diagnoses_after_validation_and_logs(tmp_path):

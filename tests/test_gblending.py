@@ -522,3 +522,19 @@ def test_copies_train_on_each_ranks_share_of_the_global_batches(monkeypatch):
     for a, b, c in zip(r0, r1, one):
         assert len(a) == len(b) == len(c) // 2 == 8
         assert sorted(a + b) == sorted(c)
+
+
+def test_step_ignores_what_absent_inputs_hold_under_both_policies():
+    """With missing modalities the blended step reads the presence masks: noise in the absent
+    rows' inputs changes no gradient (``feature`` policy: absent features are zeroed by the
+    masks, not by the data)."""
+    from helpers import assert_step_ignores_absent_inputs
+
+    data = make_tiny_data(60, ("a", "b"), n_eval=15, signal={"a": 1.5, "b": 0.3}, hidden=[8], dropout=0.0,
+                          batchnorm=False, missing=0.4)
+    for policy in ("input", "feature"):
+        cfg = load_config(None, {"train.epochs": 1, "method.name": "gblending", "train.progress": "off",
+                                 "train.probe": False, "train.batch_size": 16, "model.absent_policy": policy,
+                                 "method.estimate_epochs": 1})
+        make = lambda: Trainer(cfg, data=data)  # noqa: E731
+        assert_step_ignores_absent_inputs(make, first_batch(make()))

@@ -135,9 +135,12 @@ def test_training_step_matches_hand_written_reference():
     ref = copy.deepcopy(tr.model)
     z = sum(F.linear(ref.encoders[m](batch["inputs"][m]), ref.fusion.heads[m].weight, ref.fusion.heads[m].bias)
             for m in ("a", "b"))
-    F.cross_entropy(z, batch["label"]).backward()
+    loss = F.cross_entropy(z, batch["label"])
+    loss.backward()
     expect = {n: p.grad * {"a": 0.5, "b": 2.0, None: 1.0}[_owner(n)] for n, p in ref.named_parameters()}
-    grads = capture_step_grads(tr, batch)
+    out = {}
+    grads = capture_step_grads(tr, batch, out)
+    assert float(out["loss"]) == pytest.approx(float(loss), rel=1e-5)  # the loss the engine logs
     assert set(grads) == set(expect)
     for n, g in expect.items():
         torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7, msg=n)

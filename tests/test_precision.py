@@ -166,6 +166,7 @@ def test_weighted_diagnostics_are_the_mean_over_the_steps_that_count():
     m.log("c", 2.0)
     m.log("c", torch.tensor(6.0), weight=torch.tensor(1.0))
     m.log("c", 100.0, weight=0)
+    m.log("c", float("nan"), weight=0.0)  # a number weight 0 ignores a non-finite value too
     m.log("d", torch.tensor(3.0), weight=torch.tensor(2.0))  # a count: a weighted mean
     m.log("d", 6.0)
     d = m.epoch_diagnostics()

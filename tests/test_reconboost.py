@@ -16,6 +16,7 @@ from mmbalance.methods.reconboost import (BoostEnsemble, boosting_loss, boosting
 from mmbalance.registry import ConfigError
 
 from helpers import capture_step_grads, tiny_data
+from mmbalance.utils import to_device
 from simulated_ranks import run_two_ranks, shard_batch
 
 
@@ -190,6 +191,7 @@ def test_phase1_step_equals_the_hand_written_reference(mods, missing, epoch, opt
     logs = tr.method.epoch_diagnostics()
     assert logs[f"learner_{m}"] == 1.0 and logs["phase"] == 1.0 and logs["stage"] == pos.stage
     assert ("consolidation_loss" in logs) == (prev is not None)
+    assert "boost_loss" in logs
     assert logs["beta"] == pytest.approx(0.6)  # frozen in phase 1
     assert logs["p_others"] == pytest.approx(sum(p_others) / 2, rel=1e-5)
 
@@ -345,3 +347,49 @@ def test_defaults_are_the_public_codes_crema_d_setting():
     m = create_method("reconboost")
     assert m.hparams() == {"epochs_per_stage": 4, "correct_epochs": 4, "weight1": 5.0, "weight2": 1.0, "alpha": 0.5,
                            "reconcile_grad": "real", "boost_rate": 1.0, "head_hidden": 256, "reset_optimizer": True}
+
+
+def test_boosting_step_ignores_what_absent_inputs_hold_under_both_policies():
+    """The stage step's fused pass reads the presence masks: noise in the absent rows' inputs
+    changes no gradient, also under the ``feature`` policy (where only the masks zero them)."""
+    from helpers import assert_step_ignores_absent_inputs
+
+    data = tiny_data(32, ("a", "v"), missing=0.5, hidden=[6], dropout=0.0, batchnorm=False,
+                     signal={"a": 2.0, "v": 0.3})
+    for policy in ("input", "feature"):
+        cfg = load_config(None, {"train.epochs": 6, "method.name": "reconboost", "train.progress": "off",
+                                 "train.probe": False, "train.batch_size": 16, "model.absent_policy": policy,
+                                 "method.epochs_per_stage": 1, "method.correct_epochs": 1, "method.head_hidden": 5})
+
+        def make():
+            tr = Trainer(cfg, data=data)
+            tr.method.on_epoch_start(1)  # the second stage: the other learner is in the ensemble
+            return tr
+
+        tr = make()
+        batch = to_device(next(iter(tr.loader(tr.data.train, shuffle=True, batch_size=16, seed=0))), tr.device)
+        assert_step_ignores_absent_inputs(make, batch)
+
+
+def test_consolidation_over_a_single_sample_with_both_modalities():
+    """The consolidation term averages over the samples holding both the learner's and the
+    previous learner's modality: with exactly one such sample it is that sample's term."""
+    from mmbalance.methods.reconboost import consolidation_loss
+
+    tr = _trainer(("a", "v"), 0.0)
+    tr.epoch = 2
+    pos = tr.method.position(2)
+    assert pos.phase == 1 and pos.stage
+    m = ("a", "v")[pos.learner]
+    prev = ("a", "v")[(pos.stage - 1) % 2]
+    batch = _batch(tr, seed=0)
+    other = batch["present"][prev].clone()
+    other[1:] = False  # only row 0 holds the previous learner's modality (and m, present everywhere)
+    batch["present"][prev] = other
+    batch["inputs"][prev] = batch["inputs"][prev] * other.view(-1, 1).to(batch["inputs"][prev].dtype)
+    tr.model.train()
+    with torch.no_grad():
+        zm = tr.model(batch["inputs"], batch["present"]).unimodal_logits
+        want = float(consolidation_loss(zm[m], zm[prev])[0])
+    tr.method.training_step(batch)
+    assert tr.method.epoch_diagnostics()["consolidation_loss"] == pytest.approx(want, rel=1e-5)
